@@ -1,0 +1,32 @@
+"""The `mds` command line: one program, one subcommand per job.
+
+Each subcommand lives in the module that owns its concern and exposes
+`register(subparsers)`, which adds its parser and sets `func`.
+"""
+
+import argparse
+import importlib
+import sys
+
+# Modules that provide subcommands, in the order `mds --help` lists them.
+COMMAND_MODULES = [
+    "megatron_ds.commands.params",
+    "data_pipeline.cli",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mds", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
