@@ -1,0 +1,68 @@
+"""Multi-head Latent Attention (report section 2.1.1).
+
+Queries and keys/values are compressed to low-rank latents (c^Q, c^KV) and expanded per head;
+position enters only through a decoupled RoPE part: per-head for queries, one key shared by all
+heads. Head counts are read off the tensors, so the same code runs with heads split by tensor
+parallelism.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_ds.config import ModelConfig
+from megatron_ds.model.norm import RMSNorm
+from megatron_ds.model.rope import apply_rotary, yarn_softmax_scale
+
+
+class MLA(nn.Module):
+    def __init__(self, args: ModelConfig):
+        super().__init__()
+        self.args = args
+        self.softmax_scale = yarn_softmax_scale(args)
+        if args.q_lora_rank == 0:
+            self.wq = nn.Linear(args.dim, args.n_heads * args.qk_head_dim, bias=False)
+        else:
+            self.wq_a = nn.Linear(args.dim, args.q_lora_rank, bias=False)  # W^DQ
+            self.q_norm = RMSNorm(args.q_lora_rank, args.norm_eps)
+            self.wq_b = nn.Linear(args.q_lora_rank, args.n_heads * args.qk_head_dim, bias=False)  # W^UQ, W^QR
+        # W^DKV and W^KR in one matrix: the latent c^KV and the shared rope key k^R.
+        self.wkv_a = nn.Linear(args.dim, args.kv_lora_rank + args.qk_rope_head_dim, bias=False)
+        self.kv_norm = RMSNorm(args.kv_lora_rank, args.norm_eps)
+        # W^UK and W^UV in one matrix.
+        self.wkv_b = nn.Linear(
+            args.kv_lora_rank, args.n_heads * (args.qk_nope_head_dim + args.v_head_dim), bias=False
+        )
+        self.wo = nn.Linear(args.n_heads * args.v_head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rope, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        a = self.args
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x) if a.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(bsz, seqlen, -1, a.qk_head_dim)
+        q_nope, q_rope = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
+        q = torch.cat([q_nope, apply_rotary(q_rope, rope)], dim=-1)
+
+        kv, k_rope = self.wkv_a(x).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
+        k_rope = apply_rotary(k_rope.unsqueeze(2), rope)
+        kv = self.wkv_b(self.kv_norm(kv)).view(bsz, seqlen, -1, a.qk_nope_head_dim + a.v_head_dim)
+        k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_rope.expand(-1, -1, k_nope.size(2), -1)], dim=-1)
+
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=attn_mask,
+            is_causal=attn_mask is None,
+            scale=self.softmax_scale,
+        )
+        return self.wo(out.transpose(1, 2).flatten(2))
+
+
+def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean [batch, 1, seq, seq] mask: causal, and a token sees only its own document."""
+    seqlen = doc_ids.size(1)
+    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=doc_ids.device).tril()
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+    return (causal & same_doc).unsqueeze(1)

@@ -1,0 +1,54 @@
+"""Weight initialisation that does not depend on the parallel layout.
+
+Every weight is drawn from a generator seeded by (seed, parameter name[, expert index]), and a
+sharded parameter copies its slice of the full tensor. A TP=2 or EP=4 or pipelined model
+therefore holds exactly the weights of the single-process model, which is what makes the
+sharded-versus-single equivalence tests and checkpoint resharding meaningful.
+"""
+
+import zlib
+
+import torch
+from torch import nn
+
+# Attribute set by parallelisation on a parameter that holds a slice of a larger tensor:
+# (dim, start, full_size) -- the local tensor is full[start : start + local] along dim.
+SHARD_ATTR = "mds_shard"
+
+
+def mark_shard(param: torch.Tensor, dim: int, start: int, full_size: int) -> None:
+    setattr(param, SHARD_ATTR, (dim, start, full_size))
+
+
+def _generator(seed: int, name: str, index: int | None = None) -> torch.Generator:
+    key = f"{seed}:{name}" if index is None else f"{seed}:{name}:{index}"
+    return torch.Generator().manual_seed(zlib.crc32(key.encode()))
+
+
+def _normal(shape, std: float, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(shape, generator=gen, dtype=torch.float32).mul_(std)
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, seed: int, std: float) -> None:
+    """Norm weights to 1, every matrix to N(0, std), every buffer (balance bias, counters) to 0.
+
+    Stacked expert weights ([experts, in, out]) draw each expert from its own seed, so a rank
+    holding experts 64..127 generates only those.
+    """
+    for name, param in model.named_parameters():
+        if param.dim() == 1:
+            param.fill_(1.0)
+            continue
+        dim, start, full_size = getattr(param, SHARD_ATTR, (0, 0, param.size(0)))
+        if param.dim() == 3:
+            assert dim == 0, f"{name}: stacked expert weights may only be split along the expert dim"
+            for e in range(param.size(0)):
+                param[e].copy_(_normal(param.shape[1:], std, _generator(seed, name, start + e)))
+            continue
+        full_shape = list(param.shape)
+        full_shape[dim] = full_size
+        full = _normal(full_shape, std, _generator(seed, name))
+        param.copy_(full.narrow(dim, start, param.size(dim)))
+    for buffer in model.buffers():
+        buffer.zero_()

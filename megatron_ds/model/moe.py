@@ -1,0 +1,182 @@
+"""DeepSeekMoE (report section 2.1.2): shared experts plus fine-grained routed experts.
+
+The router scores experts with sigmoid affinities, limits each token to a few nodes and groups,
+and picks the top-K by score plus a per-expert balance bias. The bias steers *which* experts
+are chosen; the weights come from the unbiased scores. Routed experts run behind a token
+dispatcher, so expert parallelism can move tokens between ranks without this file knowing.
+"""
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_ds.config import ModelConfig
+from megatron_ds.model.norm import MLP
+
+
+def limit_to_blocks(scores: torch.Tensor, n_blocks: int, n_keep: int, top_per_block: int) -> torch.Tensor:
+    """Mask (-inf) all experts outside the n_keep best of n_blocks contiguous blocks.
+
+    A block's score is the sum of its top_per_block expert scores: the report's node limit
+    (sum of the K/M highest affinities per node) and its group limit (top-2 per group).
+    """
+    if n_keep >= n_blocks:
+        return scores
+    blocks = scores.unflatten(-1, (n_blocks, -1))
+    block_scores = blocks.topk(top_per_block, dim=-1).values.sum(-1)
+    keep = torch.zeros_like(block_scores, dtype=torch.bool)
+    keep.scatter_(-1, block_scores.topk(n_keep, dim=-1).indices, True)
+    return blocks.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(-2)
+
+
+class Gate(nn.Module):
+    """The router: sigmoid affinities, node- and group-limited top-K, bias-steered selection."""
+
+    def __init__(self, args: ModelConfig):
+        super().__init__()
+        self.args = args
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))
+        # b_i of the auxiliary-loss-free balance (report eq. 16); updated by `update_expert_bias`.
+        self.register_buffer("bias", torch.zeros(args.n_routed_experts))
+        # Tokens routed to each expert since the last bias update (the step's micro-batches).
+        self.register_buffer("expert_load", torch.zeros(args.n_routed_experts), persistent=False)
+        self.register_buffer("balance_loss_sum", torch.zeros(()), persistent=False)
+
+    def forward(self, x: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x is [tokens, dim], tokens ordered as sequences of seq_len. Returns weights, indices, balance loss."""
+        a = self.args
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        choice = scores.detach() + self.bias
+        choice = limit_to_blocks(
+            choice,
+            a.n_expert_nodes,
+            a.max_nodes_per_token,
+            max(a.n_activated_experts // a.max_nodes_per_token, 1),
+        )
+        choice = limit_to_blocks(choice, a.n_expert_groups, a.n_limited_groups, 2)
+        indices = choice.topk(a.n_activated_experts, dim=-1).indices
+        weights = scores.gather(-1, indices)
+        weights = weights / weights.sum(-1, keepdim=True) * a.route_scale
+
+        with torch.no_grad():
+            self.expert_load += torch.bincount(indices.flatten(), minlength=a.n_routed_experts).float()
+        balance_loss = self.sequence_balance_loss(scores, indices, seq_len)
+        self.balance_loss_sum += balance_loss.detach()
+        return weights.type_as(x), indices, balance_loss
+
+    def sequence_balance_loss(
+        self, scores: torch.Tensor, indices: torch.Tensor, seq_len: int
+    ) -> torch.Tensor:
+        """alpha * sum_i f_i P_i per sequence (report eqs. 17-20), averaged over sequences."""
+        a = self.args
+        n_experts, k = a.n_routed_experts, a.n_activated_experts
+        probs = (scores / scores.sum(-1, keepdim=True)).view(-1, seq_len, n_experts)
+        chosen = torch.zeros_like(scores).scatter_(-1, indices, 1.0).view(-1, seq_len, n_experts)
+        f = chosen.sum(1) * n_experts / (k * seq_len)
+        p = probs.mean(1)
+        return a.balance_loss_alpha * (f * p).sum(-1).mean()
+
+
+class GroupedExperts(nn.Module):
+    """The routed experts' SwiGLU FFNs stacked as [experts, in, out], ready for grouped GEMMs."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))  # gate
+        self.w3 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))  # up
+        self.w2 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # down
+
+    @property
+    def n_local_experts(self) -> int:
+        return self.w1.size(0)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x holds tokens sorted by local expert; counts[e] of them belong to expert e."""
+        if x.is_cuda and x.dtype == torch.bfloat16:
+            offsets = counts.cumsum(0).to(torch.int32)
+            gate = torch._grouped_mm(x, self.w1, offs=offsets)
+            up = torch._grouped_mm(x, self.w3, offs=offsets)
+            return torch._grouped_mm(F.silu(gate) * up, self.w2, offs=offsets)
+        outputs = []
+        for e, chunk in enumerate(x.split(counts.tolist())):
+            outputs.append((F.silu(chunk @ self.w1[e]) * (chunk @ self.w3[e])) @ self.w2[e])
+        return torch.cat(outputs) if outputs else x[:0]
+
+
+class LocalDispatcher:
+    """All routed experts live in this process: sort tokens by expert, run, weight and sum back."""
+
+    def __call__(self, x, weights, indices, experts: GroupedExperts, shared_experts: nn.Module | None):
+        n_tokens, k = indices.shape
+        flat = indices.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=experts.n_local_experts)
+        routed = experts(x[order // k], counts)
+        unsorted = torch.empty_like(routed).index_copy_(0, order, routed)
+        out = (unsorted.view(n_tokens, k, -1) * weights.unsqueeze(-1)).sum(1)
+        return out if shared_experts is None else out + shared_experts(x)
+
+
+class BalanceLossGrad(torch.autograd.Function):
+    """Identity on the MoE output whose backward also feeds the balance loss its gradient.
+
+    This lets every pipeline stage back-propagate its own layers' balance losses without the
+    loss travelling to the last stage (as Megatron-Core's MoEAuxLossAutoScaler does).
+    `scale` is set by the training loop to the gradient scale of the main loss (1 / micro-batches).
+    """
+
+    scale = 1.0
+
+    @staticmethod
+    def forward(ctx, output, loss):
+        ctx.save_for_backward(loss)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (loss,) = ctx.saved_tensors
+        return grad_output, torch.full_like(loss, BalanceLossGrad.scale)
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelConfig):
+        super().__init__()
+        self.gate = Gate(args)
+        self.experts = GroupedExperts(args.n_routed_experts, args.dim, args.moe_inter_dim)
+        self.shared_experts = (
+            MLP(args.dim, args.n_shared_experts * args.moe_inter_dim) if args.n_shared_experts else None
+        )
+        self.dispatcher = LocalDispatcher()  # replaced by expert parallelism
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bsz, seqlen, dim = x.shape
+        x = x.reshape(-1, dim)
+        weights, indices, balance_loss = self.gate(x, seqlen)
+        out = self.dispatcher(x, weights, indices, self.experts, self.shared_experts)
+        if self.training and balance_loss.requires_grad:
+            out = BalanceLossGrad.apply(out, balance_loss)
+        return out.view(bsz, seqlen, dim)
+
+
+def moe_gates(model: nn.Module) -> dict[str, Gate]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, Gate)}
+
+
+@torch.no_grad()
+def update_expert_bias(model: nn.Module, speed: float, group=None) -> dict[str, torch.Tensor]:
+    """The auxiliary-loss-free balance step: b_i += gamma * sign(mean load - load_i).
+
+    Loads are summed over `group` (the data-parallel ranks) first, so every rank applies the
+    same update. Returns each gate's global load for metrics and resets the counters.
+    """
+    loads = {}
+    for name, gate in moe_gates(model).items():
+        load = gate.expert_load.clone()
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(load, group=group)
+        if speed:
+            gate.bias += speed * torch.sign(load.mean() - load)
+        gate.expert_load.zero_()
+        loads[name] = load
+    return loads
