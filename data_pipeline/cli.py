@@ -47,12 +47,18 @@ def _add_input_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _policy(args: argparse.Namespace) -> InputPolicy:
-    return InputPolicy(text_field=args.text_field, invalid_utf8=args.invalid_utf8, unreadable=args.on_unreadable)
+    return InputPolicy(
+        text_field=args.text_field, invalid_utf8=args.invalid_utf8, unreadable=args.on_unreadable
+    )
 
 
 def _train(args: argparse.Namespace) -> int:
     policy, report = _policy(args), ReadReport()
-    texts = (doc.text for path in expand_inputs(args.inputs, args.pattern, tuple(args.exclude)) for doc in read_documents(path, policy, report))
+    texts = (
+        doc.text
+        for path in expand_inputs(args.inputs, args.pattern, tuple(args.exclude))
+        for doc in read_documents(path, policy, report)
+    )
     tok = train_tokenizer(texts, args.vocab_size, args.output, args.min_frequency)
     print(f"wrote {args.output}: {tok.vocab_size} ids, sha256 {tok.sha256}")
     for reason, count in sorted(report.counts.items()):

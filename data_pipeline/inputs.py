@@ -7,10 +7,10 @@ dropped and why; nothing is dropped silently.
 import gzip
 import io
 import json
-from fnmatch import fnmatch
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 
 import zstandard

@@ -164,7 +164,9 @@ class PreprocessResult:
     seconds: float  # wall time of this run
 
 
-def preprocess(config: PreprocessConfig, rank: int = 0, world_size: int = 1, barrier=None) -> PreprocessResult:
+def preprocess(
+    config: PreprocessConfig, rank: int = 0, world_size: int = 1, barrier=None
+) -> PreprocessResult:
     """Run (or finish) preprocessing; rank `rank` of `world_size` takes units rank, rank+world_size, ...
 
     With several ranks, `barrier` must synchronise them; rank 0 then writes the manifest.
@@ -202,7 +204,9 @@ def _collect_manifest(
     for unit in units:
         receipt = _reusable_receipt(output, unit, key)
         if receipt is None:
-            raise RuntimeError(f"work unit {unit.index} ({unit.files[0]} ...) has no valid receipt after the run")
+            raise RuntimeError(
+                f"work unit {unit.index} ({unit.files[0]} ...) has no valid receipt after the run"
+            )
         shards.extend(ShardInfo(**s) for s in receipt["shards"])
         report.counts.update(receipt["counts"])
         report.unreadable_files.extend(receipt["unreadable_files"])

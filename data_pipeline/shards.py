@@ -108,7 +108,9 @@ class ShardWriter:
 
     def close(self) -> ShardInfo:
         self.tar.close()
-        info = ShardInfo(self.path.name, self.samples, self.tokens, file_sha256(self.tmp), self.tmp.stat().st_size)
+        info = ShardInfo(
+            self.path.name, self.samples, self.tokens, file_sha256(self.tmp), self.tmp.stat().st_size
+        )
         os.replace(self.tmp, self.path)
         return info
 
