@@ -34,7 +34,7 @@ def stdlib_preprocess_config(output: Path, processes: int = 1) -> PreprocessConf
 
 
 def ensure_default_dataset(cache_dir: str | Path) -> Path:
-    """Path of the tokenized stdlib dataset in `cache_dir`, building it if absent. Safe to call concurrently."""
+    """The tokenized stdlib dataset in `cache_dir`, built if absent; safe to call concurrently."""
     cache_dir = Path(cache_dir).expanduser()
     cache_dir.mkdir(parents=True, exist_ok=True)
     version = f"py{sys.version_info.major}{sys.version_info.minor}"

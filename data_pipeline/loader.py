@@ -124,16 +124,14 @@ class StatefulLoader:
         first = states[0]
         ranks = sorted(s["dp_rank"] for s in states)
         if ranks != list(range(first["dp_size"])):
-            raise ValueError(
-                f"merge_states needs the states of ranks 0..{first['dp_size'] - 1}, got ranks {ranks}"
-            )
+            raise ValueError(f"merge_states needs the states of ranks 0..{first['dp_size'] - 1}, got {ranks}")
         for s in states:
             if s["fingerprint"] != first["fingerprint"]:
                 raise ValueError("merge_states got states of different data configurations")
             if s["consumed"] != first["consumed"]:
                 raise ValueError(
                     f"ranks are not in lock step: rank {s['dp_rank']} is at global batch {s['consumed']}, "
-                    f"rank {first['dp_rank']} at {first['consumed']}; save states after the same step on every rank"
+                    f"rank {first['dp_rank']} at {first['consumed']}; save all ranks' states after one step"
                 )
         streams = {int(i): st for s in states for i, st in s["streams"].items()}
         return {
@@ -144,7 +142,7 @@ class StatefulLoader:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a merged state (or a single rank's state of a DP-1 run), on any DP size or workers."""
+        """Continue from a merged state (or the state of a DP-1 run), on any DP size and workers."""
         if "dp_size" in state:
             state = self.merge_states([state])
         if state.get("version") != STATE_VERSION:
@@ -153,7 +151,7 @@ class StatefulLoader:
         changed = sorted(k for k in mine if state["fingerprint"].get(k) != mine[k])
         if changed:
             raise ValueError(
-                f"the saved loader state comes from a different data stream (differs in {', '.join(changed)}); "
+                f"the saved loader state is of another data stream (it differs in {', '.join(changed)}); "
                 "restore those settings to resume, or start the data stream afresh without loading the state"
             )
         self.start, self.consumed = state["consumed"], 0
@@ -182,8 +180,8 @@ def build_loader(
         raise ValueError(
             f"data.num_streams={cfg.num_streams} must be a multiple of dp_size x max(num_workers, 1) = "
             f"{dp_size} x {max(num_workers, 1)} = {readers}, so each stream has one reader; "
-            f"set data.num_streams to a multiple of {readers} (a new data stream) or data.num_workers to a divisor "
-            f"of {cfg.num_streams // dp_size if cfg.num_streams % dp_size == 0 else 1}"
+            f"set data.num_streams to a multiple of {readers} (this starts a new data stream) "
+            "or choose data.num_workers so that it holds"
         )
     paths = cfg.paths or [ensure_default_dataset(Path(cfg.cache_dir).expanduser())]
     datasets = [Dataset.open(p) for p in paths]
@@ -209,7 +207,8 @@ def _check_datasets(cfg: DataConfig, datasets: list[Dataset]) -> None:
         if d.manifest.tokenizer_sha256 != expected.sha256:
             raise ValueError(
                 f"dataset {d.directory} was encoded with a different tokenizer than data.tokenizer "
-                f"({expected.path}); set data.tokenizer={d.directory / 'tokenizer.json'} or re-run `mds preprocess`"
+                f"({expected.path}); set data.tokenizer={d.directory / 'tokenizer.json'} "
+                "or re-run `mds preprocess` with data.tokenizer"
             )
         if len(d.manifest.shards) < cfg.num_streams:
             raise ValueError(

@@ -85,7 +85,7 @@ class ShardWriter:
         self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         self.dtype = dtype
         self.extension = "u16" if dtype.itemsize == 2 else "u32"
-        self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
+        self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (closed in close)
         self.samples = 0
         self.tokens = 0
 
@@ -143,7 +143,7 @@ class ShardReader:
         try:
             if self.tar is None or start < self.position:
                 self.close()
-                self.tar = tarfile.open(self.path, "r:")
+                self.tar = tarfile.open(self.path, "r:")  # noqa: SIM115 (kept open across reads)
                 self.members = self._members()
                 self.position = 0
             samples: list[np.ndarray] = []
@@ -160,7 +160,8 @@ class ShardReader:
         except (tarfile.TarError, OSError, EOFError) as error:
             raise CorruptShard(f"shard {self.path} cannot be read: {error}") from error
         raise CorruptShard(
-            f"shard {self.path} ends after {self.position} samples; the manifest promised at least {start + count}"
+            f"shard {self.path} ends after {self.position} samples; "
+            f"the manifest promised at least {start + count}"
         )
 
     def close(self) -> None:
