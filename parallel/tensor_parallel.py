@@ -70,7 +70,7 @@ def _column(linear: nn.Linear, config, group) -> ColumnParallel:
         linear.in_features, linear.out_features, config=config, init_method=_skip_init,
         bias=False, gather_output=False, skip_bias_add=True, tp_group=group,
     )  # fmt: skip
-    mark_shard(layer.weight, 0, group.rank() * layer.weight.size(0), linear.out_features)
+    mark_shard(layer.weight, 0, group.rank() * layer.weight.size(0), linear.out_features, group)
     return layer
 
 
@@ -79,7 +79,7 @@ def _row(linear: nn.Linear, config, group) -> RowParallel:
         linear.in_features, linear.out_features, config=config, init_method=_skip_init,
         bias=False, input_is_parallel=True, skip_bias_add=True, tp_group=group,
     )  # fmt: skip
-    mark_shard(layer.weight, 1, group.rank() * layer.weight.size(1), linear.in_features)
+    mark_shard(layer.weight, 1, group.rank() * layer.weight.size(1), linear.in_features, group)
     return layer
 
 
@@ -97,6 +97,6 @@ def apply_tensor_parallel(model: Transformer, group, dtype: torch.dtype, device:
         model.embed = VocabParallelEmbedding(
             vocab, dim, init_method=_skip_init, config=config, tp_group=group
         )
-        mark_shard(model.embed.weight, 0, group.rank() * model.embed.weight.size(0), vocab)
+        mark_shard(model.embed.weight, 0, group.rank() * model.embed.weight.size(0), vocab, group)
     if model.head is not None:
         model.head = VocabParallelHead(_column(model.head.linear, config, group))

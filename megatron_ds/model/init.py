@@ -11,13 +11,16 @@ import zlib
 import torch
 from torch import nn
 
-# Attribute set by parallelisation on a parameter that holds a slice of a larger tensor:
-# (dim, start, full_size) -- the local tensor is full[start : start + local] along dim.
+# Attributes set by parallelisation on a parameter that holds a slice of a larger tensor:
+# (dim, start, full_size) -- the local tensor is full[start : start + local] along dim -- and
+# the process group over which the slices are spread (checkpointing reassembles them).
 SHARD_ATTR = "mds_shard"
+SHARD_GROUP_ATTR = "mds_shard_group"
 
 
-def mark_shard(param: torch.Tensor, dim: int, start: int, full_size: int) -> None:
+def mark_shard(param: torch.Tensor, dim: int, start: int, full_size: int, group=None) -> None:
     setattr(param, SHARD_ATTR, (dim, start, full_size))
+    setattr(param, SHARD_GROUP_ATTR, group)
 
 
 def _generator(seed: int, name: str, index: int | None = None) -> torch.Generator:

@@ -44,7 +44,7 @@ class Gate(nn.Module):
         self.register_buffer("balance_loss_sum", torch.zeros(()), persistent=False)
 
     def forward(self, x: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x is [tokens, dim], tokens ordered as sequences of seq_len. Returns weights, indices, balance loss."""
+        """x is [tokens, dim] in sequences of seq_len. Returns weights, indices, balance loss."""
         a = self.args
         scores = F.linear(x.float(), self.weight.float()).sigmoid()
         choice = scores.detach() + self.bias
