@@ -11,7 +11,9 @@ import sys
 # Modules that provide subcommands, in the order `mds --help` lists them.
 COMMAND_MODULES = [
     "megatron_ds.commands.params",
+    "megatron_ds.commands.train",
     "data_pipeline.cli",
+    "megatron_ds.jobs.submit",
 ]
 
 
