@@ -1,0 +1,157 @@
+"""A checkpoint saved under one parallel layout loads exactly under another.
+
+One forked gloo world of 2 ranks saves and loads under TP=2, TP=1/DP=2 (with ZeRO-1-style
+optimizer keys that only their owning rank holds) and EP=2 (stacked expert weights split along
+the expert dim); the test process itself saves and loads single-process checkpoints. Because
+weight initialisation does not depend on the layout, "loaded exactly" means: equal to a model of
+the saving seed built directly in the loading layout.
+"""
+
+import datetime
+import os
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from megatron_ds.checkpoint import Checkpointer, model_tensors
+from megatron_ds.config import CheckpointConfig, config_to_dict, load_config
+from megatron_ds.model.init import mark_shard
+from parallel.parallelize import build_model
+
+SAVED_SEED, OTHER_SEED = 1, 2
+EXPERTS = torch.arange(4 * 3 * 5, dtype=torch.float32).view(4, 3, 5)  # [experts, in, out]
+
+
+def tiny(seed: int):
+    return load_config("tiny", overrides=[f"train.seed={seed}", "model.n_layers=2", "model.vocab_size=1024"])
+
+
+def model_state(seed: int, groups=None) -> dict[str, torch.Tensor]:
+    return model_tensors(build_model(tiny(seed), "cpu", groups))
+
+
+def optimizer_state(params: dict[str, torch.Tensor], dp_rank: int, dp_size: int) -> dict[str, torch.Tensor]:
+    """ZeroAdamW-style keys for the parameters this data-parallel rank owns (every dp_size-th)."""
+    state = {}
+    for i, (name, p) in enumerate(sorted(params.items())):
+        if i % dp_size != dp_rank:
+            continue
+        for slot, scale in (("exp_avg", 2.0), ("exp_avg_sq", 3.0), ("master", 1.0)):
+            t = (p.detach().float() * scale + i).clone()
+            if hasattr(p, "mds_shard"):
+                mark_shard(t, *p.mds_shard, p.mds_shard_group)
+            state[f"optim.{name.removeprefix('model.')}.{slot}"] = t
+    state["optim.step"] = torch.tensor(7.0)
+    return state
+
+
+def expert_state(group=None) -> dict[str, torch.Tensor]:
+    if group is None:
+        return {"experts.w1": EXPERTS.clone()}
+    local = EXPERTS.chunk(group.size())[group.rank()].clone()
+    mark_shard(local, 0, group.rank() * local.size(0), EXPERTS.size(0), group)
+    return {"experts.w1": local}
+
+
+def scrambled(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        for t in tensors.values():
+            t.fill_(-1)
+    return tensors
+
+
+def assert_equal(got: dict, want: dict):
+    assert got.keys() == want.keys()
+    bad = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not bad, f"differ: {bad[:5]}"
+
+
+def extra_for(seed: int) -> dict:
+    return {"config": config_to_dict(tiny(seed)), "counters": {"step": 5}}
+
+
+def _world(rank: int, port: int, workdir: str):
+    from megatron.core import parallel_state as ps
+
+    from parallel.parallelize import groups_from_parallel_state
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+        timeout=datetime.timedelta(seconds=60),
+    )  # fmt: skip
+    root, error = Path(workdir), ""
+    try:
+        world = dist.group.WORLD
+        cfg = CheckpointConfig(keep_last=0)
+        # TP=2 (+ EP=2 experts), saved asynchronously while "training" collectives keep running.
+        ps.initialize_model_parallel(2)
+        saved = {**model_state(SAVED_SEED), **expert_state(world)}
+        ckpt = Checkpointer(root / "tp2", CheckpointConfig(keep_last=0, async_save=True))
+        ckpt.save(5, saved, extra_for(SAVED_SEED))
+        for _ in range(20):
+            dist.all_reduce(torch.ones(1000))
+        ckpt.wait()
+        # TP=2 -> TP=1 on both ranks.
+        ps.destroy_model_parallel()
+        ps.initialize_model_parallel(1)
+        target = {**scrambled(model_state(OTHER_SEED)), **scrambled(expert_state())}
+        extra = Checkpointer(root / "tp2", cfg).load(root / "tp2", target, extra_for(OTHER_SEED)["config"])
+        assert extra["counters"] == {"step": 5}
+        assert_equal(target, {**model_state(SAVED_SEED), **expert_state()})
+        # TP=1 / DP=2 with ZeRO-1 ownership: each rank saves only the optimizer keys it owns.
+        params = model_state(SAVED_SEED)
+        Checkpointer(root / "dp2", cfg).save(5, {**params, **optimizer_state(params, rank, 2)}, {})
+        # DP=1 (single process) -> DP=2: every rank loads just its own keys.
+        params = model_state(SAVED_SEED)
+        target = scrambled(optimizer_state(model_state(OTHER_SEED), rank, 2))
+        Checkpointer(root / "dp1", cfg).load(root / "dp1", target, None)
+        assert_equal(target, optimizer_state(params, rank, 2))
+        # TP=1 -> TP=2, with the sharded optimizer keys as well.
+        ps.destroy_model_parallel()
+        ps.initialize_model_parallel(2)
+        groups = groups_from_parallel_state()
+        params = model_state(OTHER_SEED, groups)
+        target = {**scrambled(params), **scrambled(optimizer_state(params, 0, 1))}
+        Checkpointer(root / "dp1", cfg).load(root / "dp1", target, None)
+        want = model_state(SAVED_SEED, groups)
+        assert_equal(target, {**want, **optimizer_state(want, 0, 1)})
+        ps.destroy_model_parallel()
+    except Exception:
+        error = traceback.format_exc()
+    (root / f"rank{rank}.txt").write_text(error)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def world_dir(tmp_path_factory) -> Path:
+    from parallel.launcher import free_port
+
+    root = tmp_path_factory.mktemp("reshard")
+    params = model_state(SAVED_SEED)
+    Checkpointer(root / "dp1", CheckpointConfig()).save(5, {**params, **optimizer_state(params, 0, 1)}, {})
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.start_processes(_world, args=(free_port(), str(root)), nprocs=2, join=True, start_method="fork")
+    return root
+
+
+def test_every_rank_resharded_exactly(world_dir):
+    errors = {r: (world_dir / f"rank{r}.txt").read_text() for r in range(2)}
+    assert not any(errors.values()), "\n".join(f"--- rank {r} ---\n{e}" for r, e in errors.items() if e)
+
+
+def test_tensor_and_expert_parallel_checkpoint_loads_in_one_process(world_dir):
+    target = {**scrambled(model_state(OTHER_SEED)), **scrambled(expert_state())}
+    Checkpointer(world_dir / "tp2", CheckpointConfig()).load(world_dir / "tp2", target, None)
+    assert_equal(target, {**model_state(SAVED_SEED), **expert_state()})
+
+
+def test_zero1_optimizer_keys_from_two_ranks_load_in_one_process(world_dir):
+    params = model_state(SAVED_SEED)
+    target = {**scrambled(model_state(OTHER_SEED)), **scrambled(optimizer_state(params, 0, 1))}
+    Checkpointer(world_dir / "dp2", CheckpointConfig()).load(world_dir / "dp2", target, None)
+    assert_equal(target, {**params, **optimizer_state(params, 0, 1)})
