@@ -14,6 +14,8 @@ COMMAND_MODULES = [
     "megatron_ds.commands.train",
     "data_pipeline.cli",
     "megatron_ds.jobs.submit",
+    "megatron_ds.jobs.sweep",
+    "megatron_ds.jobs.report",
 ]
 
 

@@ -5,6 +5,7 @@ pmix with mpi4py) run against a small stand-in trainer that keeps the `mds train
 marked `train` run the real `mds train --preset tiny`.
 """
 
+import csv
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from megatron_ds.jobs.sbatch import JobSpec, Run, render_sbatch
 from megatron_ds.jobs.submit import sbatch, submit_chain
@@ -79,8 +81,10 @@ while state["step"] < steps:
     state["step"] += 1
     if info.rank == 0:
         with open(os.path.join(args.run_dir, "metrics.jsonl"), "a") as f:
+            restart = int(os.environ.get("SLURM_RESTART_COUNT", 0))
             f.write(json.dumps({"step": state["step"], "loss": state["x"] ** 2, "world_size": info.world_size,
-                                "restart": int(os.environ.get("SLURM_RESTART_COUNT", 0))}) + "\n")
+                                "tokens_per_s": 1000.0 * info.world_size ** 0.9, "mfu": 0.4, "tflops": 100.0,
+                                "peak_mem_gib": 1.5, "restart": restart}) + "\n")
     stopping = torch.tensor([float(bool(stop))])
     dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
     if stopping.item():
@@ -88,7 +92,8 @@ while state["step"] < steps:
         sys.exit(75)
 save()
 if info.rank == 0:
-    json.dump({"status": "completed", "steps": state["step"], "world_size": info.world_size},
+    json.dump({"status": "completed", "steps": state["step"], "tokens": 1024 * state["step"],
+               "tp": 1, "pp": 1, "ep": 1, "dp": info.world_size, "world_size": info.world_size},
               open(os.path.join(args.run_dir, "summary.json"), "w"))
 """
 
@@ -211,3 +216,42 @@ def test_mpi_job_discovers_ranks_through_mpi4py(tmp_path, stand_in):
     fields = wait_for_job(job)
     assert fields["JobState"] == "COMPLETED", (run_dir / f"slurm-{job}.out").read_text()
     assert {m["world_size"] for m in metrics(run_dir)} == {2}
+
+
+def test_sweep_of_one_and_two_tasks_and_its_report(tmp_path, stand_in):
+    spec = {
+        "name": "scaling",
+        "preset": "tiny",
+        "gpus_per_node": 0,
+        "ranks_per_node": 2,
+        "time": "5",
+        "command": [sys.executable, str(stand_in)],
+        "env": {"PYTHONPATH": str(REPO)},
+        "overrides": ["train.steps=3"],
+        "grid": {"gpus": [1, 2, 3]},  # 3 ranks cannot spread evenly over 2 nodes of 2: a refused run
+    }
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
+    mds = [sys.executable, "-m", "megatron_ds.cli"]
+    done = subprocess.run([*mds, "sweep", str(tmp_path / "sweep.yaml"), "--runs-dir", str(tmp_path / "runs")],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    job_ids = [
+        line.split()[1].rstrip(":") for line in done.stdout.splitlines() if line.startswith("submitted")
+    ]
+    assert len(job_ids) == 2  # one array per resource shape: 1 node x 1 rank, 1 node x 2 ranks
+    for job in job_ids:
+        assert wait_for_job(job)["JobState"] == "COMPLETED"
+    runs_dir = tmp_path / "runs" / "scaling"
+    done = subprocess.run([*mds, "report", str(runs_dir)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    with (runs_dir / "report" / "runs.csv").open() as f:
+        rows = {row["gpus"]: row for row in csv.DictReader(f)}
+    assert rows["1"]["status"] == rows["2"]["status"] == "completed"
+    assert rows["3"]["status"] == "failed" and "cannot be spread evenly" in rows["3"]["reason"]
+    assert float(rows["2"]["tokens_per_s"]) > float(rows["1"]["tokens_per_s"])
+    assert 0.9 < float(rows["2"]["strong_efficiency"]) < 1.0
+    markdown = (runs_dir / "report" / "runs.md").read_text()
+    assert "## Failed runs" in markdown and "000-gpus1" in markdown and "001-gpus2" in markdown
+    for name in ("throughput.png", "scaling.png", "memory.png"):
+        data = (runs_dir / "report" / name).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000
