@@ -255,3 +255,77 @@ def test_sweep_of_one_and_two_tasks_and_its_report(tmp_path, stand_in):
     for name in ("throughput.png", "scaling.png", "memory.png"):
         data = (runs_dir / "report" / name).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000
+
+
+def _train_available() -> bool:
+    from megatron_ds.cli import COMMAND_MODULES
+
+    return "megatron_ds.commands.train" in COMMAND_MODULES
+
+
+TINY = [
+    "train.steps=4",
+    "train.global_batch_size=8",
+    "train.batch_rampup_start=8",
+    "train.micro_batch_size=4",
+]
+
+
+def submit_tiny(run_dir: Path, *extra: str) -> str:
+    cmd = [sys.executable, "-m", "megatron_ds.cli", "submit", "--preset", "tiny", "--gpus-per-node", "0"]
+    cmd += [
+        "--tasks-per-node",
+        "2",
+        "--time",
+        "20",
+        "--grace",
+        "30",
+        "--run-dir",
+        str(run_dir),
+        *TINY,
+        *extra,
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()[1]
+
+
+@pytest.mark.skipif(not _train_available(), reason="`mds train` is not registered in megatron_ds.cli")
+def test_tiny_preset_as_a_two_task_job(tmp_path):
+    run_dir = tmp_path / "tiny"
+    job = submit_tiny(run_dir)
+    fields = wait_for_job(job, timeout=600)
+    assert fields["JobState"] == "COMPLETED", (run_dir / f"slurm-{job}.out").read_text()[-3000:]
+    records = metrics(run_dir)
+    assert [m["step"] for m in records] == [1, 2, 3, 4]
+    for key in (
+        "tokens",
+        "loss",
+        "lm_loss",
+        "grad_norm",
+        "lr",
+        "tokens_per_s",
+        "tflops",
+        "mfu",
+        "peak_mem_gib",
+    ):
+        assert all(isinstance(m[key], int | float) for m in records), key
+    assert [m["tokens"] for m in records] == [step * 8 * 256 for step in (1, 2, 3, 4)]  # global batch x seq_len
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    assert (run_dir / "config.yaml").exists() and (run_dir / "job.sbatch").exists()
+
+
+@pytest.mark.skipif(not _train_available(), reason="`mds train` is not registered in megatron_ds.cli")
+def test_tiny_preset_preempted_resumes_with_the_uninterrupted_loss_curve(tmp_path):
+    reference = submit_tiny(tmp_path / "reference")
+    preempted = submit_tiny(tmp_path / "preempted")
+    wait_for_file(tmp_path / "preempted" / "metrics.jsonl", timeout=600)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", preempted], check=True)
+    fields = wait_for_job(preempted, timeout=600)
+    log = (tmp_path / "preempted" / f"slurm-{preempted}.out").read_text()
+    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", log[-3000:]
+    assert wait_for_job(reference, timeout=600)["JobState"] == "COMPLETED"
+    resumed, uninterrupted = metrics(tmp_path / "preempted"), metrics(tmp_path / "reference")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in uninterrupted]
