@@ -109,7 +109,6 @@ class TrainConfig:
     max_consecutive_skips: int = 5  # NaN/Inf steps in a row before the run saves and stops
     seed: int = 1234
     deterministic: bool = False  # deterministic kernels and fp32 everywhere (tests, debugging)
-    document_mask: bool = False  # attention stays inside each packed document
 
 
 @dataclass

@@ -174,12 +174,21 @@ def _train_errors(cfg) -> list[str]:
     return errors
 
 
+def _data_errors(cfg) -> list[str]:
+    try:
+        cfg.data.validate()
+    except ValueError as e:
+        return [str(e)]
+    return []
+
+
 def validate(cfg) -> None:
     errors = (
         _model_errors(cfg.model, cfg.parallel)
         + _parallel_errors(cfg)
         + _precision_errors(cfg)
         + _train_errors(cfg)
+        + _data_errors(cfg)
     )
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))

@@ -1,0 +1,290 @@
+"""The training loop: one loop for CPU and GPU, read top to bottom.
+
+Per optimizer step: pull the micro-batches of this rank's share of the global batch, run forward
+and backward on each, reduce gradients over data-parallel replicas, clip, step AdamW (ZeRO-1),
+update the MoE balance biases from the step's global expert loads, log, and checkpoint when due
+or when the job is told to stop.
+"""
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from data_pipeline import build_loader
+from megatron_ds import schedules
+from megatron_ds.checkpoint import Checkpointer, model_tensors
+from megatron_ds.config import Config, ConfigError, config_to_dict, config_to_yaml
+from megatron_ds.flops import training_flops_per_token
+from megatron_ds.metrics import MetricsLogger, NullLogger, peak_memory_gib, peak_tflops
+from megatron_ds.model.moe import BalanceLossGrad, moe_gates, update_expert_bias
+from megatron_ds.optim import ZeroAdamW, clip_gradients, global_grad_norm
+from parallel.data_parallel import (
+    gradient_groups_from_parallel_state,
+    reduce_gradients,
+    split_expert_parameters,
+)
+from parallel.groups import initialize_groups
+from parallel.launcher import init_distributed
+from parallel.parallelize import build_model
+
+EXIT_REQUEUE = 75  # stopped by SIGTERM/SIGUSR1 after saving: requeue the job to continue
+EXIT_DIVERGED = 3  # too many consecutive non-finite steps: saved, stopped for a human to look
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps taken
+    tokens: int = 0  # tokens consumed by all ranks
+    skipped: int = 0  # steps skipped for a non-finite loss or gradient
+    consecutive_skips: int = 0
+
+
+class StopRequest:
+    """Remembers SIGTERM/SIGUSR1 so the loop can finish its step, save, and exit cleanly."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def agreed(self, device) -> bool:
+        """True on every rank once any rank was signalled, so all stop at the same step."""
+        flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _setup_device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _all_mean(values: torch.Tensor, group) -> torch.Tensor:
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(values, group=group)
+        values /= dist.get_world_size(group)
+    return values
+
+
+def _total_steps(cfg: Config, granularity: int) -> int:
+    """Steps until train.steps or train.train_tokens, whichever comes first (ramp-up included)."""
+    t = cfg.train
+    steps, tokens = 0, 0
+    while tokens < t.train_tokens and (t.steps == 0 or steps < t.steps):
+        tokens += schedules.global_batch_size(t, tokens, granularity) * t.seq_len
+        steps += 1
+        if t.steps == 0 and steps > 10_000_000:
+            break
+    return steps
+
+
+def train(cfg: Config, run_dir: Path) -> int:
+    """Run (or resume) training in RUN_DIR; returns the process exit code."""
+    from megatron.core import parallel_state as ps
+
+    launch = init_distributed()
+    if cfg.parallel.pipeline > 1:
+        raise ConfigError(
+            "parallel.pipeline > 1 needs Megatron-Core's pipeline schedules, which run on GPUs only; "
+            "set parallel.pipeline=1"
+        )
+    dp_size = initialize_groups(cfg).data
+    grad_groups = gradient_groups_from_parallel_state()
+    dp_group, dp_rank = grad_groups.data, ps.get_data_parallel_rank()
+    device = _setup_device(launch.local_rank)
+    rank0 = launch.rank == 0
+    torch.manual_seed(cfg.train.seed)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if rank0:
+        (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+
+    t = cfg.train
+    model = build_model(cfg, device)
+    expert_params = {id(p) for p in split_expert_parameters(model)[1]}
+    expert_group = grad_groups.expert_data or dp_group
+    optimizer = ZeroAdamW(model, cfg, lambda p: expert_group if id(p) in expert_params else dp_group)
+    loader = build_loader(
+        cfg.data, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
+        dp_rank=dp_rank, dp_size=dp_size, seed=t.seed,
+    )  # fmt: skip
+    state = TrainState()
+    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+    tensors = {**model_tensors(model), **optimizer.state_tensors()}
+    resume_from = Path(cfg.checkpoint.load) if cfg.checkpoint.load else checkpointer.latest()
+    if resume_from is not None:
+        extra = checkpointer.load(resume_from, tensors, config_to_dict(cfg))
+        state = TrainState(**extra["train_state"])
+        if extra.get("data") is not None:
+            loader.load_state_dict(extra["data"])
+
+    granularity = t.micro_batch_size * dp_size
+    total_steps = _total_steps(cfg, granularity)
+    flops_per_token = training_flops_per_token(cfg.model, t.seq_len)
+    peak = peak_tflops(device) * launch.world_size
+    if rank0:
+        logger = MetricsLogger(
+            run_dir, total_steps, state.step, cfg.logging.tensorboard, cfg.logging.progress_bar
+        )
+    else:
+        logger = NullLogger()
+    if resume_from is not None:
+        logger.message(f"resumed from {resume_from} at step {state.step}")
+    stop = StopRequest()
+    batches = iter(loader)
+    model.train()
+    run_start, start_tokens, exit_code = time.perf_counter(), state.tokens, 0
+    saved_step = state.step if resume_from is not None else None
+    record: dict = {}
+
+    def save() -> None:
+        nonlocal saved_step
+        data_states = [None] * dp_size
+        if dp_size > 1:
+            dist.all_gather_object(data_states, loader.state_dict(), group=dp_group)
+        else:
+            data_states = [loader.state_dict()]
+        extra = {
+            "train_state": asdict(state),
+            "data": type(loader).merge_states(data_states),
+            "config": config_to_dict(cfg),
+        }
+        checkpointer.save(state.step, tensors, extra)
+        saved_step = state.step
+        logger.message(f"saved checkpoint at step {state.step}")
+
+    while state.step < total_steps:
+        step_start = time.perf_counter()
+        batch_size = schedules.global_batch_size(t, state.tokens, granularity)
+        n_micro = batch_size // granularity
+        lr = schedules.learning_rate(t, state.step, state.tokens)
+        mtp_weight = schedules.mtp_loss_weight(t, state.tokens)
+        BalanceLossGrad.scale = 1.0 / n_micro
+
+        losses = torch.zeros(3, device=device, dtype=torch.float64)  # total, lm, mtp
+        for _ in range(n_micro):
+            batch = next(batches)
+            tokens = batch["tokens"].to(device, non_blocking=True)
+            doc_ids = batch["doc_ids"][:, :-1].to(device) if cfg.data.document_masking else None
+            out = model(tokens[:, :-1], labels=tokens[:, 1:], doc_ids=doc_ids)
+            loss = out.lm_loss + mtp_weight * out.mtp_loss
+            (loss / n_micro).backward()
+            losses += torch.stack([loss, out.lm_loss, out.mtp_loss]).detach().double() / n_micro
+
+        reduce_gradients(model, grad_groups)
+        grad_norm = global_grad_norm(model, launch.world_size, cfg.parallel.pipeline)
+        balance_loss = sum(
+            (g.balance_loss_sum for g in moe_gates(model).values()), torch.zeros((), device=device)
+        )
+        losses = _all_mean(torch.cat([losses, balance_loss.double().view(1) / n_micro]), dp_group)
+        finite = math.isfinite(grad_norm.item()) and math.isfinite(losses[0].item())
+        if finite:
+            clip_gradients(model, grad_norm, t.grad_clip)
+            optimizer.step(lr)
+            state.consecutive_skips = 0
+        else:
+            state.skipped += 1
+            state.consecutive_skips += 1
+        optimizer.zero_grad()
+        loads = update_expert_bias(model, schedules.bias_update_speed(t, state.tokens) if finite else 0.0,
+                                   dp_group)  # fmt: skip
+        for gate in moe_gates(model).values():
+            gate.balance_loss_sum.zero_()
+
+        state.step += 1
+        step_tokens = batch_size * t.seq_len
+        state.tokens += step_tokens
+        seconds = time.perf_counter() - step_start
+        tflops = flops_per_token * step_tokens / seconds / 1e12
+        record = {
+            "step": state.step,
+            "tokens": state.tokens,
+            "loss": losses[0].item() + losses[3].item(),
+            "lm_loss": losses[1].item(),
+            "mtp_loss": losses[2].item(),
+            "balance_loss": losses[3].item(),
+            "grad_norm": grad_norm.item(),
+            "lr": lr,
+            "global_batch": batch_size,
+            "tokens_per_s": step_tokens / seconds,
+            "tflops": tflops,
+            "mfu": tflops / peak,
+            "skipped": state.skipped,
+            "peak_mem_gib": peak_memory_gib(device),
+            "step_seconds": seconds,
+        }
+        for name, load in loads.items():
+            record[f"expert_imbalance/{name.removesuffix('.ffn.gate')}"] = (load.max() / load.mean()).item()
+        if state.step % cfg.logging.log_interval == 0 or state.step == total_steps:
+            logger.log(record)
+
+        if state.consecutive_skips >= t.max_consecutive_skips:
+            logger.message(
+                f"stopping: {state.consecutive_skips} consecutive steps had a non-finite loss or gradient "
+                f"(last loss {losses[0].item()}, grad norm {grad_norm.item()}); saving for inspection. "
+                "Lower train.lr or check the data around this step."
+            )
+            save()
+            exit_code = EXIT_DIVERGED
+            break
+        if stop.agreed(device):
+            logger.message(f"signal received: saving at step {state.step} and exiting with {EXIT_REQUEUE}")
+            save()
+            exit_code = EXIT_REQUEUE
+            break
+        if checkpointer.due(state.step):
+            save()
+    else:
+        if cfg.checkpoint.save_on_exit and saved_step != state.step:
+            save()
+
+    checkpointer.wait()
+    elapsed = time.perf_counter() - run_start
+    if rank0:
+        summary = {
+            "status": {0: "completed", EXIT_REQUEUE: "requeue", EXIT_DIVERGED: "diverged"}[exit_code],
+            "steps": state.step,
+            "tokens": state.tokens,
+            "seconds": elapsed,
+            "tokens_per_s": (state.tokens - start_tokens) / elapsed,
+            "mfu": record.get("mfu", 0.0),
+            "final_loss": record.get("loss"),
+            "skipped_steps": state.skipped,
+            "world_size": launch.world_size,
+            "layout": {
+                "tp": cfg.parallel.tensor,
+                "pp": cfg.parallel.pipeline,
+                "ep": cfg.parallel.expert,
+                "dp": dp_size,
+            },  # fmt: skip
+            "checkpoint": str(checkpointer.latest() or ""),
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        logger.close()
+        print(_summary_text(summary), flush=True)
+    return exit_code
+
+
+def _summary_text(s: dict) -> str:
+    loss = "n/a" if s["final_loss"] is None else f"{s['final_loss']:.4f}"
+    return (
+        f"{s['status']}: {s['steps']} steps, {s['tokens']:,} tokens in {s['seconds']:.1f} s "
+        f"({s['tokens_per_s']:,.0f} tokens/s, MFU {100 * s['mfu']:.1f}%), final loss {loss}, "
+        f"checkpoint {s['checkpoint'] or 'none'}"
+    )
