@@ -310,7 +310,7 @@ def test_tiny_preset_as_a_two_task_job(tmp_path):
         "peak_mem_gib",
     ):
         assert all(isinstance(m[key], int | float) for m in records), key
-    assert [m["tokens"] for m in records] == [step * 8 * 256 for step in (1, 2, 3, 4)]  # global batch x seq_len
+    assert [m["tokens"] for m in records] == [step * 8 * 256 for step in (1, 2, 3, 4)]  # batch x seq_len
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 4
     assert (run_dir / "config.yaml").exists() and (run_dir / "job.sbatch").exists()
