@@ -169,6 +169,8 @@ class ShardReader:
             self.tar.close()
             self.tar = None
 
+    __del__ = close  # a stream dropped mid-shard (end of iteration) releases its file
+
 
 def iter_shard_metadata(path: Path) -> Iterator[dict]:
     """The metadata of every sample of a shard, in order (for tests and inspection)."""
