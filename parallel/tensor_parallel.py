@@ -5,10 +5,13 @@ FFN's w1, w3 are column-parallel, wo and w2 row-parallel; the embedding and outp
 vocab-parallel with vocab-parallel cross-entropy. The low-rank down-projections (wq_a, wkv_a),
 norms, the router and the routed experts stay replicated: their inputs and outputs are whole on
 every rank, and the column-parallel layers after them all-reduce their input gradients, so their
-gradients come out complete without extra communication.
+gradients come out complete without extra communication. The one exception is MLA's shared rope
+key k^R: it comes out of wkv_a and goes straight into every head's attention, so each rank sees
+only its own heads' share of its gradient; `SharedRopeKeyLinear` sums that share over the ranks.
 """
 
 import torch
+import torch.distributed as dist
 from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
@@ -17,6 +20,7 @@ from megatron.core.tensor_parallel import (
     vocab_parallel_cross_entropy,
 )
 from torch import nn
+from torch.nn import functional as F
 
 from megatron_ds.model.attention import MLA
 from megatron_ds.model.init import mark_shard
@@ -42,6 +46,40 @@ class ColumnParallel(ColumnParallelLinear):
 class RowParallel(RowParallelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x)[0]
+
+
+class _SumGradOverGroup(torch.autograd.Function):
+    """Identity forward; all-reduce of the gradient backward. (Megatron-Core's
+    copy_to_tensor_model_parallel_region reduces a contiguous copy and returns the unreduced
+    gradient when it is not contiguous, as a slice of a concatenation's gradient is.)"""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class SharedRopeKeyLinear(nn.Linear):
+    """MLA's replicated wkv_a whose last rope_dim outputs (the rope key shared by all heads) have
+    their gradient all-reduced over the tensor-parallel group; the latent part's gradient is
+    already complete, as wkv_b is column-parallel."""
+
+    def __init__(self, linear: nn.Linear, rope_dim: int, group):
+        super().__init__(linear.in_features, linear.out_features, bias=False, device="meta")
+        self.rope_dim = rope_dim
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        latent, rope_key = F.linear(x, self.weight).split(
+            [self.out_features - self.rope_dim, self.rope_dim], -1
+        )
+        return torch.cat([latent, _SumGradOverGroup.apply(rope_key, self.group)], dim=-1)
 
 
 class VocabParallelHead(OutputHead):
@@ -92,6 +130,8 @@ def apply_tensor_parallel(model: Transformer, group, dtype: torch.dtype, device:
             linear = getattr(module, name, None)
             if isinstance(linear, nn.Linear):
                 setattr(module, name, build[style](linear, config, group))
+        if isinstance(module, MLA):
+            module.wkv_a = SharedRopeKeyLinear(module.wkv_a, module.args.qk_rope_head_dim, group)
     if model.embed is not None:
         vocab, dim = model.embed.weight.shape
         model.embed = VocabParallelEmbedding(
