@@ -9,6 +9,7 @@ downstream use.
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -46,6 +47,30 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)
+
+    @cached_property
+    def token_bytes(self) -> list[bytes]:
+        """The bytes each id stands for, so token spans can be mapped to text without a decode call."""
+        byte_of = _byte_level_decoder()
+        added = {t.content for t in self.hf.get_added_tokens_decoder().values()}
+        table = []
+        for i in range(self.vocab_size):
+            token = self.hf.id_to_token(i) or ""
+            table.append(token.encode() if token in added else bytes(byte_of[c] for c in token))
+        return table
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's byte-to-printable-character map, which byte-level BPE vocabularies use."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    others = [b for b in range(256) if b not in printable]
+    mapping = {chr(b): b for b in printable}
+    mapping.update({chr(256 + n): b for n, b in enumerate(others)})
+    return mapping
 
 
 def file_sha256(path: Path) -> str:
