@@ -12,6 +12,7 @@ import sys
 COMMAND_MODULES = [
     "megatron_ds.commands.params",
     "megatron_ds.commands.train",
+    "megatron_ds.commands.hf",
     "data_pipeline.cli",
     "megatron_ds.jobs.submit",
     "megatron_ds.jobs.sweep",

@@ -129,6 +129,16 @@ def config_differences(saved: dict, current: dict, prefix: str = "model") -> lis
     return lines
 
 
+@torch.no_grad()
+def _masters_from_model(tensors: dict[str, torch.Tensor]) -> None:
+    """A fresh optimizer's master weights were taken from the parameters before they were loaded."""
+    for key, master in tensors.items():
+        if key.startswith("optim.") and key.endswith(".master"):
+            param = tensors.get("model." + key.removeprefix("optim.").removesuffix(".master"))
+            if param is not None:
+                master.copy_(param)
+
+
 class Checkpointer:
     """Save, find and load the run's checkpoints. Every rank constructs one and calls every method."""
 
@@ -231,7 +241,8 @@ class Checkpointer:
         """Load checkpoint `path` in place into `tensors` (any parallel layout); return its `extra`.
 
         Optimizer tensors ("optim.*") may be absent from the checkpoint as a whole (one made by
-        `mds import-hf`): they are then left untouched, and extra["model_only"] is true.
+        `mds import-hf`): the optimizer then starts fresh, its moments untouched and its fp32
+        master weights ("optim.<name>.master") copied from the loaded parameters.
         """
         self.wait()
         path = resolve_checkpoint(path)
@@ -261,6 +272,8 @@ class Checkpointer:
         with torch.no_grad():
             for target, local in staged:
                 target.copy_(local)
+            if not any(k.startswith("optim.") for k in metadata.state_dict_metadata):
+                _masters_from_model(tensors)
         return extra
 
     @staticmethod
