@@ -287,7 +287,7 @@ def submit_tiny(run_dir: Path, *extra: str) -> str:
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    return done.stdout.split()[1]
+    return done.stdout.split()[1].rstrip(";")
 
 
 @pytest.mark.skipif(not _train_available(), reason="`mds train` is not registered in megatron_ds.cli")
