@@ -26,14 +26,14 @@ class LocalExperts(GroupedExperts):
     initialisation and checkpoint resharding read them.
     """
 
-    def __init__(self, n_local: int, dim: int, inter_dim: int, first: int, n_experts: int):
+    def __init__(self, n_local: int, dim: int, inter_dim: int, first: int, n_experts: int, group):
         super().__init__(n_local, dim, inter_dim)
-        self.first, self.n_experts = first, n_experts
+        self.first, self.n_experts, self.group = first, n_experts, group
         self._mark()
 
     def _mark(self) -> None:
         for param in (self.w1, self.w2, self.w3):
-            mark_shard(param, 0, self.first, self.n_experts)
+            mark_shard(param, 0, self.first, self.n_experts, self.group)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -72,7 +72,7 @@ def apply_expert_parallel(model: nn.Module, group, cfg: Config, tensor_group=Non
     for moe in [m for m in model.modules() if isinstance(m, MoE)]:
         full = moe.experts
         with torch.device(full.w1.device):  # meta: to_empty materialises only the local experts
-            moe.experts = LocalExperts(n_local, full.w1.size(1), full.w1.size(2), first, n_experts)
+            moe.experts = LocalExperts(n_local, full.w1.size(1), full.w1.size(2), first, n_experts, group)
         moe.dispatcher = AllToAllDispatcher(
             group,
             n_experts,

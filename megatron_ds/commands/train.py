@@ -27,22 +27,21 @@ def register(subparsers) -> None:
 
 def _launch_local(nproc: int, argv: list[str]) -> int:
     """Re-run this command in `nproc` processes under torchrun's engine; return their exit code."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
+    import os
+    import uuid
 
-    args = get_args_parser().parse_args(
-        [
-            "--standalone",
-            f"--nproc-per-node={nproc}",
-            "--no-python",
-            sys.executable,
-            "-m",
-            "megatron_ds.cli",
-            *argv,
-        ]
-    )
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5,
+    )  # fmt: skip
+    # As torchrun does: one intra-op thread per process unless told otherwise, or the processes
+    # oversubscribe the cores and every step slows down several times.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     try:
-        run(args)
+        elastic_launch(config, sys.executable)("-m", "megatron_ds.cli", *argv)
     except ChildFailedError as e:
         return max(failure.exitcode for failure in e.failures.values())
     return 0
