@@ -154,6 +154,7 @@ class Checkpointer:
         self._meshes = MeshCache()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self._pending: Future | None = None
+        self._staging: dict[str, torch.Tensor] = {}  # CPU snapshot buffers of asynchronous saves
         self._last_save_time = time.monotonic()
         self._last_step: int | None = None
         self.last_blocking_seconds = 0.0  # how long the last save() held up the caller
@@ -190,7 +191,7 @@ class Checkpointer:
             {"format": FORMAT, "step": step, "world_size": dist.get_world_size() if self.distributed else 1,
              "extra": extra}, indent=1,
         )  # fmt: skip
-        state, _ = dcp_state(tensors, self._meshes, copy=self.cfg.async_save)
+        state, _ = dcp_state(tensors, self._meshes, copy=self.cfg.async_save, buffers=self._staging)
         self._last_step, self._last_save_time = step, time.monotonic()
         if self.cfg.async_save:
             self._pending = self._executor.submit(self._write, step, state, extra_text)
