@@ -58,6 +58,8 @@ def _coerce(value, annotation, key: str):
             number = float(value) if isinstance(value, str) else value
         except ValueError:
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if not isinstance(number, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
         if annotation is int:
             if float(number) != int(number):
                 raise ConfigError(f"{key}: expected an integer, got {value!r}")
@@ -81,6 +83,8 @@ def _merge(target, values: dict, prefix: str = "") -> None:
             if not isinstance(value, dict):
                 raise ConfigError(f"{key}: expected a mapping of {type(current).__name__} fields")
             _merge(current, value, f"{key}.")
+        elif isinstance(value, dict):
+            raise ConfigError(f"{key} is a field, not a section: give it a value, not the mapping {value!r}")
         else:
             setattr(target, name, _coerce(value, hints[name], key))
 

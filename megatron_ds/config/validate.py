@@ -13,7 +13,8 @@ class ConfigError(ValueError):
 
 def _model_errors(m, p) -> list[str]:
     errors = []
-    for name in ("vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_heads", "kv_lora_rank"):
+    positive = ("vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_heads", "kv_lora_rank")
+    for name in (*positive, "original_seq_len"):
         if getattr(m, name) <= 0:
             errors.append(f"model.{name} must be positive (got {getattr(m, name)})")
     if m.q_lora_rank < 0:
@@ -26,7 +27,7 @@ def _model_errors(m, p) -> list[str]:
         errors.append("model.mtp_depth must be >= 0 (0 switches Multi-Token Prediction off)")
     if m.n_layers > m.n_dense_layers:
         errors += _moe_errors(m)
-    if m.max_seq_len > m.original_seq_len * m.rope_factor:
+    if m.original_seq_len > 0 and m.max_seq_len > m.original_seq_len * m.rope_factor:
         errors.append(
             f"model.max_seq_len={m.max_seq_len} exceeds what the position encoding reaches "
             f"(original_seq_len {m.original_seq_len} x rope_factor {m.rope_factor}); "
@@ -34,6 +35,8 @@ def _model_errors(m, p) -> list[str]:
         )
     if m.rope_factor < 1:
         errors.append(f"model.rope_factor must be >= 1 (got {m.rope_factor}; 1 disables YaRN)")
+    if p.tensor < 1:
+        return errors  # reported with the parallel section; the divisibility checks below need it >= 1
     if m.n_heads % p.tensor:
         errors.append(
             f"model.n_heads={m.n_heads} is not divisible by parallel.tensor={p.tensor}; "
@@ -49,6 +52,9 @@ def _moe_errors(m) -> list[str]:
     experts, k = m.n_routed_experts, m.n_activated_experts
     if experts <= 0 or k <= 0:
         return [f"model.n_routed_experts ({experts}) and model.n_activated_experts ({k}) must be positive"]
+    if m.n_expert_groups < 1 or m.n_expert_nodes < 1:
+        groups, nodes = m.n_expert_groups, m.n_expert_nodes
+        return [f"model.n_expert_groups ({groups}) and model.n_expert_nodes ({nodes}) must be >= 1"]
     if experts % m.n_expert_groups:
         errors.append(
             f"model.n_routed_experts={experts} is not divisible by model.n_expert_groups={m.n_expert_groups}"
