@@ -210,17 +210,30 @@ class Checkpointer:
         tmp, final = self.directory / f"{TMP_PREFIX}{name}", self.directory / name
         writer = dcp.FileSystemWriter(tmp, sync_files=True)
         dcp.save(state, storage_writer=writer, process_group=self._io_group, no_dist=not self.distributed)
+        error = None
         if self.rank == 0:  # DCP's coordinator has written .metadata: every rank's data is on disk
-            _write_atomic(tmp / STATE_FILE, state_text)
-            old = self.directory / f"{TMP_PREFIX}old-{name}"
-            if final.exists():  # the same step saved again after resuming from an earlier one
-                final.rename(old)
-            tmp.rename(final)
-            _fsync_dir(self.directory)
-            _write_atomic(self.directory / LATEST, name + "\n")
-            shutil.rmtree(old, ignore_errors=True)
-            self._prune()
-        self._barrier(self._io_group)
+            try:
+                self._commit(tmp, final, state_text)
+            except OSError as e:
+                error = e
+        failed = torch.tensor([int(error is not None)])
+        if self.distributed:  # every rank learns whether the checkpoint was committed
+            dist.all_reduce(failed, group=self._io_group)
+        if error is not None:
+            raise CheckpointError(f"could not commit checkpoint {final}: {error}") from error
+        if failed.item():
+            raise CheckpointError(f"rank 0 could not commit checkpoint {final} (see its log)")
+
+    def _commit(self, tmp: Path, final: Path, state_text: str) -> None:
+        _write_atomic(tmp / STATE_FILE, state_text)
+        old = self.directory / f"{TMP_PREFIX}old-{final.name}"
+        if final.exists():  # the same step saved again after resuming from an earlier one
+            final.rename(old)
+        tmp.rename(final)
+        _fsync_dir(self.directory)
+        _write_atomic(self.directory / LATEST, final.name + "\n")
+        shutil.rmtree(old, ignore_errors=True)
+        self._prune()
 
     def _prune(self) -> None:
         """Keep the newest keep_last checkpoints (and always the one `latest` names)."""
