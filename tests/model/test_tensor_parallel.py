@@ -2,6 +2,7 @@
 
 Checks, in one spawn: the TP=2 model holds exactly the TP=1 weights, sharded (layout-independent
 init); the language-model and MTP losses agree; every gradient, gathered from its shards, agrees.
+And the balance-bias update sums expert loads over a group, so every rank applies the same step.
 """
 
 import torch
@@ -9,7 +10,7 @@ import torch.distributed as dist
 from model_testing import batch, run_in_processes, small_config
 
 from megatron_ds.model.init import SHARD_ATTR
-from megatron_ds.model.moe import moe_gates
+from megatron_ds.model.moe import moe_gates, update_expert_bias
 from parallel.parallelize import ModelGroups, build_model
 
 
@@ -70,4 +71,23 @@ def _check_tp_equals_single():
 
 
 def test_tensor_parallel_2_equals_single_process():
-    run_in_processes(_check_tp_equals_single, world_size=2, tp=2)
+    run_in_processes(_check_all, world_size=2, tp=2)
+
+
+def _check_bias_update_over_group():
+    rank = dist.get_rank()
+    model = build_model(small_config(), groups=ModelGroups())
+    gates = list(moe_gates(model).values())
+    local = torch.tensor([4.0, 0, 2, 2] * 4) if rank == 0 else torch.tensor([0.0, 4, 2, 1] * 4)
+    for gate in gates:
+        gate.expert_load.copy_(local)
+    loads = update_expert_bias(model, speed=0.01, group=dist.group.WORLD)
+    total = torch.tensor([4.0, 4, 4, 3] * 4)  # mean 3.75: the last expert is underloaded
+    for gate, load in zip(gates, loads.values()):
+        torch.testing.assert_close(load, total)
+        torch.testing.assert_close(gate.bias, torch.tensor([-0.01, -0.01, -0.01, 0.01] * 4))
+
+
+def _check_all():
+    _check_tp_equals_single()
+    _check_bias_update_over_group()
