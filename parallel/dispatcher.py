@@ -123,6 +123,35 @@ def dequantize_fp8_tiles(payload: torch.Tensor, scales: torch.Tensor) -> torch.T
     return (tiles * scales.unsqueeze(-1)).flatten(-2)
 
 
+class Permute(torch.autograd.Function):
+    """rows[perm] for a permutation: the backward scatters without accumulating (index_put with
+    accumulation, the backward of plain indexing, is several times slower on CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, perm):
+        ctx.save_for_backward(perm)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (perm,) = ctx.saved_tensors
+        return Unpermute.apply(grad, perm), None
+
+
+class Unpermute(torch.autograd.Function):
+    """The inverse of Permute: out[perm] = rows."""
+
+    @staticmethod
+    def forward(ctx, x, perm):
+        ctx.save_for_backward(perm)
+        return torch.empty_like(x).index_copy_(0, perm, x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (perm,) = ctx.saved_tensors
+        return Permute.apply(grad, perm), None
+
+
 class TokenSlice(torch.autograd.Function):
     """This TP rank's slice of tokens that every rank of `group` holds alike.
 
@@ -184,17 +213,20 @@ class RoutePlan:
     order: torch.Tensor  # copies (flat token * K + slot) sorted by global expert
     send_splits: list[int]  # rows to each EP rank
     recv_splits: list[int]  # rows from each EP rank
-    local_order: torch.Tensor  # received rows sorted by local expert (they arrive by source rank)
+    local_order: torch.Tensor | None  # received rows sorted by local expert (None: already are)
     local_counts: torch.Tensor  # rows per local expert, in local_order
 
 
 @dataclass
 class DispatchStats:
-    """Traffic since the last `dispatch_metrics` call, counted on the sending side."""
+    """Traffic since the last `dispatch_metrics` call, counted on the sending side.
 
-    tokens: int = 0  # token copies sent to experts (T x K per forward, TP slices summed over ranks)
-    cross_node_tokens: int = 0  # distinct (token, destination node) pairs on another node
-    cross_node_bytes: int = 0  # bytes this rank's all-to-alls sent to other nodes (dispatch + combine)
+    Kept as tensors on the tokens' device so that counting never waits for the GPU.
+    """
+
+    tokens: torch.Tensor | int = 0  # token copies sent to experts (T x K per forward, TP slices summed)
+    cross_node_tokens: torch.Tensor | int = 0  # distinct (token, destination node) pairs on another node
+    cross_node_bytes: torch.Tensor | int = 0  # bytes this rank's all-to-alls sent to other nodes
 
 
 class AllToAllDispatcher:
@@ -222,6 +254,7 @@ class AllToAllDispatcher:
         self.rank_nodes = rank_nodes or [0] * self.size
         self.overlap, self.fp8_payload = overlap, fp8_payload
         self.stats = DispatchStats()
+        self._expert_node = None  # node of each global expert, on the tokens' device
 
     def __call__(self, x, weights, indices, experts: nn.Module, shared_experts: nn.Module | None):
         tokens, n_tokens = x, x.size(0)
@@ -232,34 +265,35 @@ class AllToAllDispatcher:
         plan = self.plan(indices)
         self._count_traffic(tokens, indices, plan)
         flight = InFlight()
-        received = self.start_dispatch(tokens, indices, plan, flight)
+        received = self.start_dispatch(tokens, plan, flight)
         shared = shared_experts(x) if shared_experts is not None else None  # while tokens travel
         received = AllToAllWait.apply(received, flight)
-        routed = self.combine(experts(received[plan.local_order], plan.local_counts), weights, plan)
+        expert_out = experts(self._by_local_expert(received, plan), plan.local_counts)
+        routed = self.combine(expert_out, weights, plan)
         if self.tensor_group is not None:
             routed = GatherTokenSlices.apply(routed, n_tokens, self.tensor_group)
         return routed if shared is None else routed + shared
 
     def plan(self, indices: torch.Tensor) -> RoutePlan:
-        """Sort the copies by expert and exchange the counts (a small synchronous all-to-all)."""
+        """Sort the copies by expert and exchange the counts (a small all-to-all, one host sync)."""
         flat = indices.flatten()
         send_counts = torch.bincount(flat, minlength=self.n_experts).view(self.size, self.n_local)
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
-        # Received rows come by source rank, then local expert; re-sort them by local expert.
-        local_expert = torch.arange(self.n_local, device=flat.device).repeat(self.size)
-        row_expert = local_expert.repeat_interleave(recv_counts.flatten())
-        return RoutePlan(
-            order=flat.argsort(stable=True),
-            send_splits=send_counts.sum(1).tolist(),
-            recv_splits=recv_counts.sum(1).tolist(),
-            local_order=row_expert.argsort(stable=True),
-            local_counts=recv_counts.sum(0),
-        )
+        splits = torch.cat([send_counts.sum(1), recv_counts.sum(1)]).tolist()
+        send_splits, recv_splits = splits[: self.size], splits[self.size :]
+        local_order = None
+        if self.size > 1 and self.n_local > 1:
+            # Received rows come by source rank, then local expert; re-sort them by local expert.
+            local_expert = torch.arange(self.n_local, device=flat.device).repeat(self.size)
+            row_expert = local_expert.repeat_interleave(recv_counts.flatten(), output_size=sum(recv_splits))
+            local_order = row_expert.argsort(stable=True)
+        return RoutePlan(flat.argsort(stable=True), send_splits, recv_splits, local_order, recv_counts.sum(0))
 
-    def start_dispatch(self, x, indices, plan: RoutePlan, flight: InFlight) -> torch.Tensor:
+    def start_dispatch(self, x, plan: RoutePlan, flight: InFlight) -> torch.Tensor:
         """Launch the token all-to-all; the result is valid after AllToAllWait.apply(result, flight)."""
-        copies = x[plan.order // indices.size(1)]
+        k = plan.order.numel() // max(x.size(0), 1)
+        copies = Permute.apply(x.unsqueeze(1).expand(-1, k, -1).reshape(-1, x.size(-1)), plan.order)
         out = AllToAllStart.apply(
             copies, plan.send_splits, plan.recv_splits, self.group, flight, self._fp8(x)
         )
@@ -272,32 +306,36 @@ class AllToAllDispatcher:
         """Rows this rank's experts receive, sorted by local expert, with their counts."""
         plan = self.plan(indices)
         flight = InFlight()
-        received = AllToAllWait.apply(self.start_dispatch(x, indices, plan, flight), flight)
-        return received[plan.local_order], plan.local_counts, plan
+        received = AllToAllWait.apply(self.start_dispatch(x, plan, flight), flight)
+        return self._by_local_expert(received, plan), plan.local_counts, plan
 
     def combine(self, expert_out, weights, plan: RoutePlan) -> torch.Tensor:
         """Send expert outputs home, un-permute them and sum each token's K outputs by its weights."""
-        by_source = torch.empty_like(expert_out).index_copy(0, plan.local_order, expert_out)
+        by_source = expert_out if plan.local_order is None else Unpermute.apply(expert_out, plan.local_order)
         returned = AllToAll.apply(by_source, plan.recv_splits, plan.send_splits, self.group)
-        copies = torch.empty_like(returned).index_copy(0, plan.order, returned)
+        copies = Unpermute.apply(returned, plan.order)
         return (copies.view(*weights.shape, copies.size(-1)) * weights.unsqueeze(-1)).sum(1)
+
+    @staticmethod
+    def _by_local_expert(received, plan: RoutePlan) -> torch.Tensor:
+        return received if plan.local_order is None else Permute.apply(received, plan.local_order)
 
     def _fp8(self, x: torch.Tensor) -> bool:
         return self.fp8_payload and x.size(-1) % FP8_TILE == 0
 
     def _count_traffic(self, x, indices, plan: RoutePlan) -> None:
-        nodes = self.rank_nodes
-        own = nodes[self.rank]
-        dest_node = torch.tensor(nodes, device=indices.device)[indices // self.n_local]
-        # A token bound for several experts on one remote node needs to cross the boundary once.
-        reached = torch.zeros(indices.size(0), max(nodes) + 1, dtype=torch.bool, device=indices.device)
-        reached.scatter_(1, dest_node, True)
-        reached[:, own] = False
+        nodes, own = self.rank_nodes, self.rank_nodes[self.rank]
         dim = x.size(-1)
         dispatch_row = dim + 4 * dim // FP8_TILE if self._fp8(x) else dim * x.element_size()
-        combine_row = dim * x.element_size()
         remote_sent = sum(n for p, n in enumerate(plan.send_splits) if nodes[p] != own)
         remote_returned = sum(n for p, n in enumerate(plan.recv_splits) if nodes[p] != own)
         self.stats.tokens += indices.numel()
-        self.stats.cross_node_tokens += int(reached.sum())
-        self.stats.cross_node_bytes += remote_sent * dispatch_row + remote_returned * combine_row
+        self.stats.cross_node_bytes += remote_sent * dispatch_row + remote_returned * dim * x.element_size()
+        if remote_sent:
+            # A token bound for several experts on one remote node needs to cross the boundary once.
+            if self._expert_node is None or self._expert_node.device != indices.device:
+                self._expert_node = torch.tensor(nodes, device=indices.device).repeat_interleave(self.n_local)
+            reached = torch.zeros(indices.size(0), max(nodes) + 1, dtype=torch.bool, device=indices.device)
+            reached.scatter_(1, self._expert_node[indices], True)
+            reached[:, own] = False
+            self.stats.cross_node_tokens += reached.sum()

@@ -89,9 +89,9 @@ def dispatch_metrics(model: nn.Module, reset: bool = True) -> dict[str, int]:
         stats = getattr(moe.dispatcher, "stats", None)
         if stats is None:
             continue
-        totals["dispatch_tokens"] += stats.tokens
-        totals["cross_node_tokens"] += stats.cross_node_tokens
-        totals["cross_node_bytes"] += stats.cross_node_bytes
+        totals["dispatch_tokens"] += int(stats.tokens)
+        totals["cross_node_tokens"] += int(stats.cross_node_tokens)
+        totals["cross_node_bytes"] += int(stats.cross_node_bytes)
         if reset:
             stats.tokens = stats.cross_node_tokens = stats.cross_node_bytes = 0
     return totals

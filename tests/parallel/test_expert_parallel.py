@@ -175,7 +175,10 @@ def check_dispatcher_matches_local(overlap: bool = True, fp8: bool = False):
     x, weights, indices = (t.clone().requires_grad_(t.is_floating_point()) for t in inputs[rank])
     out = dispatcher(x, weights, indices, local_experts, shared)
     (out * probes[rank]).sum().backward()
-    metrics = {"tokens": dispatcher.stats.tokens, "cross_node_tokens": dispatcher.stats.cross_node_tokens}
+    metrics = {
+        "tokens": int(dispatcher.stats.tokens),
+        "cross_node_tokens": int(dispatcher.stats.cross_node_tokens),
+    }
 
     # The reference runs every rank's tokens at once through all experts.
     ref_x, ref_weights = (torch.cat([t[i] for t in inputs]).requires_grad_() for i in (0, 1))
