@@ -28,9 +28,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors that describe bad input (configuration, data, checkpoint, environment): their message
+    already says what is wrong and what to do, so it is printed instead of a traceback."""
+    from megatron_ds.checkpoint import CheckpointError
+    from parallel.launcher import LaunchError
+
+    return (ValueError, FileNotFoundError, CheckpointError, LaunchError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args) or 0
+    try:
+        return args.func(args) or 0
+    except _user_errors() as e:
+        print(f"mds {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ Under torchrun, srun or mpirun the processes join the launcher's world. Started 
 launches `--nproc` local processes itself through torchrun's engine (torch.distributed.run).
 """
 
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -25,9 +27,28 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)  # fmt: skip
 
 
+def _child_pids() -> list[int]:
+    """Processes whose parent is this one (Linux /proc): the local training ranks."""
+    me, children = os.getpid(), []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == me:
+                children.append(int(entry.name))
+    return children
+
+
+def _forward_to_ranks(signum, frame) -> None:
+    """Pass SIGTERM/SIGUSR1 on to the ranks, which finish their step, save and exit 75."""
+    for pid in _child_pids():
+        os.kill(pid, signum)
+
+
 def _launch_local(nproc: int, argv: list[str]) -> int:
     """Re-run this command in `nproc` processes under torchrun's engine; return their exit code."""
-    import os
     import uuid
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -36,7 +57,10 @@ def _launch_local(nproc: int, argv: list[str]) -> int:
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
         rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5,
+        signals_to_handle="SIGINT,SIGHUP,SIGQUIT",  # SIGTERM is forwarded for a clean save instead
     )  # fmt: skip
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, _forward_to_ranks)
     # As torchrun does: one intra-op thread per process unless told otherwise, or the processes
     # oversubscribe the cores and every step slows down several times.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
