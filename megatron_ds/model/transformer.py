@@ -53,9 +53,10 @@ class MTPModule(nn.Module):
 
     Combines the previous depth's hidden state with the embedding of the token k ahead:
     M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h_i^{k-1})], then one transformer block and its own final
-    norm before the shared output head. It returns the block's output un-normalised, the h^k
-    that module k+1 consumes. The concatenation order (embedding first) is that of the
-    published checkpoint's `eh_proj`.
+    norm. It returns the normalised output h^k, which the shared output head reads (eq. 23 has no
+    norm in OutHead) and module k+1 consumes; h^0 is the main model's normalised final output.
+    This is how Megatron-Core, vLLM and Hugging Face run the published MTP weights. The
+    concatenation order (embedding first) is that of the published checkpoint's `eh_proj`.
     """
 
     def __init__(self, layer_id: int, args: ModelConfig):
@@ -68,7 +69,7 @@ class MTPModule(nn.Module):
 
     def forward(self, h: torch.Tensor, next_embedding: torch.Tensor, rope, attn_mask) -> torch.Tensor:
         h = self.eh_proj(torch.cat([self.enorm(next_embedding), self.hnorm(h)], dim=-1))
-        return self.block(h, rope, attn_mask)
+        return self.norm(self.block(h, rope, attn_mask))
 
 
 @dataclass
@@ -106,7 +107,8 @@ class Transformer(nn.Module):
             h = layer(h, rope, attn_mask)
         if self.head is None:
             return h
-        logits = self.head(self.norm(h))
+        h = self.norm(h)
+        logits = self.head(h)
         if labels is None:
             return logits
         if loss_mask is None:
@@ -119,7 +121,7 @@ class Transformer(nn.Module):
             targets = labels.roll(-k, dims=1)
             valid = loss_mask.roll(-k, dims=1).clone()
             valid[:, labels.size(1) - k :] = 0
-            mtp_logits = self.head(module.norm(h))
+            mtp_logits = self.head(h)
             mtp_losses.append(self._masked_mean(self.head.token_loss(mtp_logits, targets), valid))
         mtp_loss = torch.stack(mtp_losses).mean() if mtp_losses else lm_loss.new_zeros(())
         return LossOutput(lm_loss, mtp_loss)

@@ -14,6 +14,7 @@ from megatron_ds.checkpoint.hf import from_hf, hf_config_dict, load_hf, model_co
 from megatron_ds.config import ConfigError, load_config
 from megatron_ds.model.init import init_weights
 from megatron_ds.model.moe import moe_gates
+from megatron_ds.model.rope import rotary_table
 from megatron_ds.model.transformer import Transformer
 
 transformers = pytest.importorskip("transformers")
@@ -128,3 +129,60 @@ def test_unsupported_hf_configs_are_refused():
             model_config_from_hf({**base, **change})
     with pytest.raises(ValueError, match="FP8"):
         from_hf({"model.layers.0.self_attn.o_proj.weight_scale_inv": torch.ones(1)}, small_config().model)
+
+
+def _hf_mtp_state(hf_state: dict, args) -> dict:
+    """The MTP layer's weights as transformers' MtpModel names them (its checkpoint renames, by hand)."""
+    prefix, state = f"model.layers.{args.n_layers}.", {}
+    renames = {name: name for name in ("enorm.weight", "hnorm.weight", "eh_proj.weight")}
+    renames["shared_head.norm.weight"] = "post_norm.weight"
+    for name, tensor in hf_state.items():
+        inner = name.removeprefix(prefix)
+        if inner == name or ".experts." in inner or inner in _MTP_SHARED:
+            continue
+        state["layers.0." + renames.get(inner, "mtp_block." + inner)] = tensor
+    per_expert = lambda proj: torch.stack(  # noqa: E731
+        [hf_state[f"{prefix}mlp.experts.{e}.{proj}.weight"] for e in range(args.n_routed_experts)]
+    )
+    experts = "layers.0.mtp_block.mlp.experts."
+    state[experts + "gate_up_proj"] = torch.cat([per_expert("gate_proj"), per_expert("up_proj")], dim=1)
+    state[experts + "down_proj"] = per_expert("down_proj")
+    return state
+
+
+_MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")
+
+
+def test_mtp_layer_matches_transformers(tmp_path):
+    """Our MTP module against transformers' MtpModel, from the main model's final normalised output."""
+    modeling_layers = pytest.importorskip("transformers.modeling_layers")
+    if not hasattr(modeling_layers, "MtpModel"):
+        pytest.skip("this transformers has no MtpModel")
+    args = small_config(*CASES["q_lora+yarn"]).model
+    ours = _model(args)
+    save_hf(ours.state_dict(), args, tmp_path)
+    theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    their_mtp = modeling_layers.MtpModel(theirs, 1).eval()
+    missing, unexpected = their_mtp.load_state_dict(
+        _hf_mtp_state(to_hf(ours.state_dict(), args), args), strict=False
+    )
+    assert not unexpected and all(name.startswith(("embed_tokens", "shared_head")) for name in missing), (
+        missing
+    )
+
+    g = torch.Generator().manual_seed(6)
+    tokens, next_tokens = torch.randint(0, args.vocab_size, (2, 2, 40), generator=g)
+    with torch.no_grad():
+        their_h = theirs(tokens, output_hidden_states=True).hidden_states[-1]
+        their_logits = theirs.lm_head(
+            their_mtp.forward_layer(0, their_h, torch.arange(40)[None], None, input_ids=next_tokens)
+        )
+        rope = rotary_table(args, 40, tokens.device)
+        h = ours.embed(tokens)
+        for layer in ours.layers.values():
+            h = layer(h, rope, None)
+        h = ours.norm(h)
+        our_logits = ours.head(ours.mtp[0](h, ours.embed(next_tokens), rope, None))
+    torch.testing.assert_close(h, their_h, rtol=1e-5, atol=1e-5)
+    err = (our_logits - their_logits).abs().max() / their_logits.abs().max()
+    assert err < 1e-5, f"MTP logits differ by {err:.3g} relative"

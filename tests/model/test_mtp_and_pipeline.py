@@ -15,8 +15,9 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 def _losses_by_formula(model, tokens, labels, loss_mask):
     """Report eqs. 21-25 written out: the main loss and, for k = 1..D,
-    h'^k_i = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)], h^k = TRM_k(h'^k), P^k_{i+k+1} = OutHead(h^k_i),
-    L^k = mean CE over the positions i whose target t_{i+k+1} exists (sequences truncated, not rolled)."""
+    h'^k_i = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)], h^k = TRM_k(h'^k) (ending in its norm),
+    P^k_{i+k+1} = OutHead(h^k_i), L^k = mean CE over the positions i whose target t_{i+k+1} exists
+    (sequences truncated, not rolled). h^0 is the main model's final, normalised representation."""
     a = model.args
     seq = tokens.size(1)
     h = model.embed(tokens)
@@ -25,12 +26,12 @@ def _losses_by_formula(model, tokens, labels, loss_mask):
         h = layer(h, rope, None)
     head = model.head.linear.weight
 
-    def masked_ce(hidden, norm_weight, targets, mask):
-        logits = _rms_norm(hidden, norm_weight, a.norm_eps) @ head.T
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    def masked_ce(hidden, targets, mask):
+        loss = F.cross_entropy((hidden @ head.T).flatten(0, 1), targets.flatten(), reduction="none")
         return (loss * mask.flatten()).sum() / mask.sum()
 
-    main = masked_ce(h, model.norm.weight, labels, loss_mask)
+    h = _rms_norm(h, model.norm.weight, a.norm_eps)
+    main = masked_ce(h, labels, loss_mask)
     mtp_losses = []
     for k, module in enumerate(model.mtp, start=1):
         length = seq - k  # positions i whose t_{i+k+1} = labels[i + k] exists
@@ -43,9 +44,8 @@ def _losses_by_formula(model, tokens, labels, loss_mask):
             dim=-1,
         )
         h = module.block(joined @ module.eh_proj.weight.T, rotary_table(a, length, tokens.device), None)
-        mtp_losses.append(
-            masked_ce(h, module.norm.weight, labels[:, k : k + length], loss_mask[:, k : k + length])
-        )
+        h = _rms_norm(h, module.norm.weight, a.norm_eps)
+        mtp_losses.append(masked_ce(h, labels[:, k : k + length], loss_mask[:, k : k + length]))
     return main, torch.stack(mtp_losses).mean()
 
 
