@@ -30,6 +30,7 @@ from parallel.data_parallel import (
     reduce_gradients,
     split_expert_parameters,
 )
+from parallel.expert_parallel import dispatch_metrics
 from parallel.groups import initialize_groups
 from parallel.launcher import init_distributed
 from parallel.parallelize import build_model
@@ -229,6 +230,11 @@ def train(cfg: Config, run_dir: Path) -> int:
             "peak_mem_gib": peak_memory_gib(device),
             "step_seconds": seconds,
         }
+        traffic = dispatch_metrics(model)
+        if cfg.parallel.expert > 1:  # expert-parallel traffic of the step, summed over all ranks
+            counts = torch.tensor(list(traffic.values()), dtype=torch.float64, device=device)
+            dist.all_reduce(counts)
+            record.update(zip(traffic, counts.tolist()))
         for name, load in loads.items():
             record[f"expert_imbalance/{name.removesuffix('.ffn.gate')}"] = (load.max() / load.mean()).item()
         if state.step % cfg.logging.log_interval == 0 or state.step == total_steps:
