@@ -16,6 +16,10 @@ from torch import nn
 from megatron_ds.config import Config
 from megatron_ds.model.init import SHARD_ATTR, SHARD_GROUP_ATTR
 
+# Set on a parameter that several pipeline stages hold (the embedding, shared by the first stage and
+# MTP on the last): how many stages hold it, so that the global norm counts it once.
+STAGE_COPIES_ATTR = "mds_stage_copies"
+
 
 def copies_of(param: torch.Tensor, world_size: int, pipeline: int) -> int:
     """How many ranks hold this exact tensor (the same shard), to count it once in global norms."""
@@ -23,7 +27,7 @@ def copies_of(param: torch.Tensor, world_size: int, pipeline: int) -> int:
     if hasattr(param, SHARD_ATTR):
         dim, _, full = getattr(param, SHARD_ATTR)
         n_shards = full // param.size(dim)
-    return world_size // (pipeline * n_shards)
+    return world_size // (pipeline * n_shards) * getattr(param, STAGE_COPIES_ATTR, 1)
 
 
 def _group_size(group) -> int:

@@ -61,7 +61,11 @@ class ParallelConfig:
     tensor: int = 1  # tensor-parallel size (attention heads, dense FFN, shared experts, vocab)
     pipeline: int = 1  # pipeline stages
     expert: int = 1  # expert-parallel size; routed experts are split evenly over it
-    # Layers per pipeline stage, e.g. [2, 2]; empty splits the layers as evenly as possible.
+    # Model chunks per pipeline rank (interleaved 1F1B): rank r runs virtual stages r, r + pipeline, ...
+    # of pipeline x virtual_pipeline, which shrinks the pipeline bubble by that factor. 1 = plain 1F1B.
+    virtual_pipeline: int = 1
+    # Layers per (virtual) pipeline stage, one entry per stage of pipeline x virtual_pipeline, in stage
+    # order, e.g. [2, 2]; empty splits the layers as evenly as possible.
     pipeline_layers: list[int] = field(default_factory=list)
     gpus_per_node: int = 8  # ranks per node, used to map expert-parallel ranks to nodes
     zero1: bool = True  # shard optimizer state over data-parallel ranks (ZeRO-1)

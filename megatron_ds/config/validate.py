@@ -91,21 +91,28 @@ def _moe_errors(m) -> list[str]:
 def _parallel_errors(cfg) -> list[str]:
     p, m = cfg.parallel, cfg.model
     errors = []
-    for name in ("tensor", "pipeline", "expert", "gpus_per_node"):
+    for name in ("tensor", "pipeline", "virtual_pipeline", "expert", "gpus_per_node"):
         if getattr(p, name) < 1:
             errors.append(f"parallel.{name} must be >= 1 (got {getattr(p, name)})")
     if errors:
         return errors
+    if p.virtual_pipeline > 1 and p.pipeline == 1:
+        errors.append(
+            f"parallel.virtual_pipeline={p.virtual_pipeline} interleaves pipeline stages, but "
+            "parallel.pipeline=1; set parallel.pipeline > 1 or parallel.virtual_pipeline=1"
+        )
+    stages = p.pipeline * p.virtual_pipeline
     if m.n_layers > m.n_dense_layers and m.n_routed_experts % p.expert:
         errors.append(
             f"model.n_routed_experts={m.n_routed_experts} is not divisible by parallel.expert={p.expert}; "
             f"choose an expert-parallel size that divides {m.n_routed_experts}"
         )
     if p.pipeline_layers:
-        if len(p.pipeline_layers) != p.pipeline:
+        if len(p.pipeline_layers) != stages:
             errors.append(
-                f"parallel.pipeline_layers has {len(p.pipeline_layers)} entries but parallel.pipeline="
-                f"{p.pipeline}; give one layer count per stage"
+                f"parallel.pipeline_layers has {len(p.pipeline_layers)} entries but parallel.pipeline x "
+                f"parallel.virtual_pipeline = {p.pipeline} x {p.virtual_pipeline} = {stages} stages; "
+                "give one layer count per stage"
             )
         if any(n < 1 for n in p.pipeline_layers):
             errors.append(
@@ -117,10 +124,11 @@ def _parallel_errors(cfg) -> list[str]:
                 f"parallel.pipeline_layers={p.pipeline_layers} sums to {sum(p.pipeline_layers)} "
                 f"but model.n_layers={m.n_layers}"
             )
-    elif p.pipeline > m.n_layers:
+    elif stages > m.n_layers:
+        chunks = f" x parallel.virtual_pipeline={p.virtual_pipeline}" if p.virtual_pipeline > 1 else ""
         errors.append(
-            f"parallel.pipeline={p.pipeline} stages for {m.n_layers} layers leaves a stage without layers; "
-            f"use at most {m.n_layers} stages"
+            f"parallel.pipeline={p.pipeline} stages{chunks} for {m.n_layers} layers leaves a stage without "
+            f"layers; use at most {m.n_layers} stages"
         )
     return errors
 
