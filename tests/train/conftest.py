@@ -1,15 +1,10 @@
-"""Helpers for end-to-end `mds train` runs: a small real dataset and a runner."""
+"""Helpers for end-to-end `mds train` runs (the dataset fixture is in tests/conftest.py)."""
 
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
-
-from data_pipeline.preprocess import PreprocessConfig, preprocess
-from corpus import stdlib_subset_inputs
 
 # Small and deterministic: fp32, deterministic kernels, 8 sequences of 64 tokens per step.
 FAST = [
@@ -23,13 +18,6 @@ FAST = [
     "logging.tensorboard=false",
     "checkpoint.save_interval_steps=0",
 ]
-
-
-@pytest.fixture(scope="session")
-def train_dataset(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("train-data")
-    preprocess(PreprocessConfig(**stdlib_subset_inputs(), output=str(out), shard_bytes=12 << 10, processes=2))
-    return out
 
 
 def mds_train(run_dir: Path, dataset: Path, *overrides: str, nproc: int = 2, popen: bool = False):

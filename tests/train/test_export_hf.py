@@ -1,4 +1,4 @@
-"""A checkpoint trained with expert parallelism, exported to Hugging Face, gives the same logits in transformers."""
+"""A checkpoint trained with expert parallelism, exported to HF, gives the same logits in transformers."""
 
 import json
 import subprocess
