@@ -56,6 +56,10 @@ def build_model(
 
         apply_expert_parallel(model, groups.expert, cfg)
     model.to_empty(device=device)
+    if cfg.precision.linear_impl == "te":
+        from parallel.transformer_engine import apply_transformer_engine
+
+        apply_transformer_engine(model, cfg, groups.tensor)
     model.to(dtype)
     for gate in moe_gates(model).values():
         gate.float()  # the router stays in fp32 (report section 3.3)

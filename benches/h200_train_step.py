@@ -1,0 +1,157 @@
+"""Full training step (forward, backward, clip, AdamW) on one H200: ours vs Megatron-Core's GPTModel.
+
+    python benches/h200_train_step.py --presets dsv3-bench dsv3-slice --out $OUT
+
+Every configuration (system x preset x micro-batch x precision) runs in its own process: memory left
+by one ~5B-parameter model runs the next out of memory. Sequence 4096, random token ids (throughput
+does not depend on the text), the same batches for both systems. Model TFLOP/s for BOTH systems
+come from megatron_ds.flops.training_flops_per_token (3 x forward matmul and attention FLOPs,
+no recomputation); MFU is against the 790 TFLOP/s bf16 matmul measured on this H200.
+Also records, for ours, the optimizer's share of the step (clip + AdamW + bias update).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PEAK_TFLOPS = 790.0
+
+
+def measure(system: str, preset: str, micro_batch: int, fp8: str, warmup: int, steps: int) -> dict:
+    import torch
+
+    from benches.h200_models import (
+        bench_config,
+        build_mcore,
+        build_ours,
+        init_single_process,
+        mcore_loss,
+        ours_loss,
+    )
+    from megatron_ds.flops import training_flops_per_token
+    from megatron_ds.model.moe import update_expert_bias
+    from megatron_ds.optim import ZeroAdamW, clip_gradients, global_grad_norm
+
+    init_single_process()
+    torch.manual_seed(0)
+    cfg = bench_config(preset, micro_batch, fp8)
+    model = build_ours(cfg) if system == "ours" else build_mcore(cfg)
+    loss_fn = ours_loss if system == "ours" else mcore_loss
+    optimizer = ZeroAdamW(model, cfg, lambda p: None)
+    n_params = sum(p.numel() for p in model.parameters())
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    seq = cfg.train.seq_len
+    batches = [
+        torch.randint(0, cfg.model.vocab_size, (micro_batch, seq + 1), device="cuda", generator=gen)
+        for _ in range(4)
+    ]
+    step_s, opt_s, losses = [], [], []
+    for i in range(warmup + steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = loss_fn(model, cfg, batches[i % len(batches)])
+        loss.backward()
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        clip_gradients(model, global_grad_norm(model, 1, 1), cfg.train.grad_clip)
+        optimizer.step(1e-4)
+        optimizer.zero_grad()
+        if system == "ours":
+            update_expert_bias(model, cfg.train.bias_update_speed)
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        losses.append(loss.item())
+        if i >= warmup:
+            step_s.append(t2 - t0)
+            opt_s.append(t2 - t1)
+    tokens = micro_batch * seq
+    seconds = statistics.median(step_s)
+    tflops = training_flops_per_token(cfg.model, seq) * tokens / seconds / 1e12
+    return {
+        "system": system, "preset": preset, "micro_batch": micro_batch,
+        "precision": fp8 if fp8 != "none" else "bf16", "step_ms": 1e3 * seconds,
+        "tokens_per_s": tokens / seconds, "tflops": tflops, "mfu": tflops / PEAK_TFLOPS,
+        "optimizer_ms": 1e3 * statistics.median(opt_s), "optimizer_share": statistics.median(opt_s) / seconds,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "params": n_params, "loss": losses[-1],
+    }  # fmt: skip
+
+
+def run_all(args) -> list[dict]:
+    results = []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "h200_train_step.jsonl", "a")  # noqa: SIM115
+    for preset in args.presets:
+        for fp8 in args.precisions:
+            for micro_batch in args.micro_batches:
+                for system in args.systems:
+                    cmd = [sys.executable, __file__, "--one", system, preset, str(micro_batch), fp8,
+                           "--warmup", str(args.warmup), "--steps", str(args.steps)]  # fmt: skip
+                    start = time.perf_counter()
+                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+                    if lines:
+                        result = json.loads(lines[-1][len("RESULT ") :])
+                    else:
+                        tail = (proc.stdout + proc.stderr).strip().splitlines()[-6:]
+                        result = {"system": system, "preset": preset, "micro_batch": micro_batch,
+                                  "precision": fp8 if fp8 != "none" else "bf16",
+                                  "error": " | ".join(tail)}  # fmt: skip
+                    result["wall_s"] = time.perf_counter() - start
+                    print(json.dumps(result), flush=True)
+                    log.write(json.dumps(result) + "\n")
+                    log.flush()
+                    results.append(result)
+    return results
+
+
+def table(results: list[dict]) -> str:
+    rows = ["| preset | mb | precision | system | tokens/s | TFLOP/s | MFU | step ms | optimizer share "
+            "| peak GiB |",
+            "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in results:
+        if "error" in r:
+            rows.append(f"| {r['preset']} | {r['micro_batch']} | {r['precision']} | {r['system']} | error: "
+                        f"{r['error'][-160:]} |||||")  # fmt: skip
+            continue
+        rows.append(
+            f"| {r['preset']} | {r['micro_batch']} | {r['precision']} | {r['system']} "
+            f"| {r['tokens_per_s']:,.0f} | {r['tflops']:.0f} | {100 * r['mfu']:.1f}% | {r['step_ms']:.0f} "
+            f"| {100 * r['optimizer_share']:.1f}% | "
+            f"{r['peak_mem_gib']:.1f} |"
+        )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--one", nargs=4, metavar=("SYSTEM", "PRESET", "MICRO_BATCH", "FP8"))
+    parser.add_argument("--presets", nargs="+", default=["dsv3-slice", "dsv3-bench"])
+    parser.add_argument("--micro-batches", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--precisions", nargs="+", default=["none", "blockwise"])
+    parser.add_argument("--systems", nargs="+", default=["ours", "mcore"])
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--timeout", type=int, default=150)
+    parser.add_argument("--out", default=os.environ.get("OUT", "runs/h200"))
+    args = parser.parse_args()
+    if args.one:
+        system, preset, micro_batch, fp8 = args.one
+        print("RESULT " + json.dumps(measure(system, preset, int(micro_batch), fp8, args.warmup, args.steps)))
+        return
+    results = run_all(args)
+    text = table(results)
+    (Path(args.out) / "h200_train_step.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    main()

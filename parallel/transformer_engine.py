@@ -1,0 +1,160 @@
+"""The Transformer Engine backend (precision.linear_impl=te), applied to a materialised model from outside.
+
+What is swapped, and why (the report's FP8 rule, section 3.3: embedding, output head, gating,
+normalisation and the attention core stay in BF16/FP32):
+- every projection of MLA, the dense FFNs, the shared experts and MTP's eh_proj become `te.Linear`;
+- MLA's up-projections absorb the RMSNorm before them: q_norm + wq_b and kv_norm + wkv_b become one
+  `te.LayerNormLinear` each (fused norm + cast + GEMM), and the model's q_norm / kv_norm become identities;
+- the routed experts become `TEGroupedExperts`: three `te.GroupedLinear` (gate w1, up w3, down w2).
+Under `te.autocast` (megatron_ds.precision.forward_context) these run in FP8; without it, in the
+parameters' dtype.
+
+Parameter names and initialisation. megatron_ds.model.init initialises the TE model as it does the
+local one (norm weights 1, matrices N(0, std) seeded by name). The names differ from the local
+backend's in two places, and `copy_local_weights` applies this mapping:
+- `attn.q_norm.weight` -> `attn.wq_b.layer_norm_weight`,
+  `attn.kv_norm.weight` -> `attn.wkv_b.layer_norm_weight`;
+- `ffn.experts.w{1,2,3}[e]` ([in, out]) -> `ffn.experts.w{1,2,3}.weight{e}` ([out, in], transposed).
+Every other parameter keeps its name and value.
+
+Scope: one tensor-parallel rank (config validation rejects linear_impl=te with parallel.tensor > 1).
+Under expert parallelism the routed experts keep `LocalExperts` (BF16 torch._grouped_mm), whose
+shard marks the checkpoint and the layout-independent initialisation rely on; the projections
+around them still use TE.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_ds.config import Config
+from megatron_ds.model.attention import MLA
+from megatron_ds.model.moe import GroupedExperts, MoE
+from megatron_ds.model.norm import MLP
+from megatron_ds.model.transformer import MTPModule
+
+# FP8 GEMMs need each expert's token count to be a multiple of 16 (TE's alignment for all
+# per-tensor and blockwise FP8 recipes); groups are zero-padded to it and the padding dropped after.
+FP8_GROUP_ALIGN = 16
+
+
+def _skip_init(weight: torch.Tensor) -> None:
+    """Weights are filled afterwards by megatron_ds.model.init, identically to the local backend."""
+
+
+def _fp8_enabled() -> bool:
+    from transformer_engine.pytorch.quantization import FP8GlobalStateManager
+
+    return FP8GlobalStateManager.is_fp8_enabled()
+
+
+class TEGroupedExperts(nn.Module):
+    """The routed experts' SwiGLU FFNs on TE's grouped GEMM (FP8 under te.autocast)."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, dtype: torch.dtype, device):
+        super().__init__()
+        import transformer_engine.pytorch as te
+
+        kw = dict(bias=False, params_dtype=dtype, device=device, init_method=_skip_init)
+        self.w1 = te.GroupedLinear(n_experts, dim, inter_dim, **kw)  # gate
+        self.w3 = te.GroupedLinear(n_experts, dim, inter_dim, **kw)  # up
+        self.w2 = te.GroupedLinear(n_experts, inter_dim, dim, **kw)  # down
+        self.n_local_experts = n_experts
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x holds tokens sorted by local expert; counts[e] of them belong to expert e."""
+        splits = counts.tolist()  # TE's grouped GEMM takes host-side split sizes
+        rows = None
+        if _fp8_enabled():
+            x, splits, rows = pad_groups(x, counts, splits, FP8_GROUP_ALIGN)
+        h = F.silu(self.w1(x, splits)) * self.w3(x, splits)
+        out = self.w2(h, splits)
+        return out if rows is None else out.index_select(0, rows)
+
+
+def pad_groups(x: torch.Tensor, counts: torch.Tensor, splits: list[int], align: int):
+    """Zero-pad each expert's rows to a multiple of `align`. Returns (padded x, padded splits,
+    the padded row of every original row), or x unchanged and rows None when already aligned."""
+    padded = [-(-c // align) * align for c in splits]
+    if padded == splits:
+        return x, splits, None
+    shift = torch.tensor(padded, device=x.device).cumsum(0) - counts.cumsum(0)  # rows added before e+1
+    shift = torch.cat([shift.new_zeros(1), shift[:-1]])
+    expert = torch.repeat_interleave(
+        torch.arange(len(splits), device=x.device), counts, output_size=x.size(0)
+    )
+    rows = torch.arange(x.size(0), device=x.device) + shift[expert]
+    return x.new_zeros(sum(padded), x.size(1)).index_copy(0, rows, x), padded, rows
+
+
+def _linear(linear: nn.Linear, dtype, device):
+    import transformer_engine.pytorch as te
+
+    return te.Linear(
+        linear.in_features, linear.out_features, bias=False, params_dtype=dtype, device=device,
+        init_method=_skip_init,
+    )  # fmt: skip
+
+
+def _norm_linear(norm: nn.Module, linear: nn.Linear, dtype, device):
+    import transformer_engine.pytorch as te
+
+    return te.LayerNormLinear(
+        linear.in_features, linear.out_features, eps=norm.eps, bias=False, normalization="RMSNorm",
+        params_dtype=dtype, device=device, init_method=_skip_init,
+    )  # fmt: skip
+
+
+def apply_transformer_engine(model: nn.Module, cfg: Config, tp_group=None) -> None:
+    """Swap the model's projections (and its routed experts, without EP) for TE modules, in place.
+
+    Call after the model is materialised on its CUDA device and before init_weights; the new
+    modules are allocated there in the model's dtype.
+    """
+    if tp_group is not None and tp_group.size() > 1:
+        raise ValueError("precision.linear_impl=te supports parallel.tensor=1 only")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.precision.params_dtype]
+    device = next(model.parameters()).device
+    for module in list(model.modules()):
+        if isinstance(module, MLA):
+            for name in ("wq", "wq_a", "wkv_a", "wo"):
+                if isinstance(getattr(module, name, None), nn.Linear):
+                    setattr(module, name, _linear(getattr(module, name), dtype, device))
+            if module.args.q_lora_rank:
+                module.wq_b = _norm_linear(module.q_norm, module.wq_b, dtype, device)
+                module.q_norm = nn.Identity()
+            module.wkv_b = _norm_linear(module.kv_norm, module.wkv_b, dtype, device)
+            module.kv_norm = nn.Identity()
+        elif isinstance(module, MLP):
+            for name in ("w1", "w3", "w2"):
+                setattr(module, name, _linear(getattr(module, name), dtype, device))
+        elif isinstance(module, MTPModule):
+            module.eh_proj = _linear(module.eh_proj, dtype, device)
+        elif isinstance(module, MoE) and type(module.experts) is GroupedExperts:
+            e = module.experts
+            module.experts = TEGroupedExperts(e.n_local_experts, e.w1.size(1), e.w1.size(2), dtype, device)
+
+
+def te_name(local_name: str, n_experts: int) -> list[tuple[str, int | None]]:
+    """The TE parameter(s) holding a local-backend parameter: [(name, expert index or None)]."""
+    for norm, linear in (("q_norm", "wq_b"), ("kv_norm", "wkv_b")):
+        if local_name.endswith(f"attn.{norm}.weight"):
+            return [(local_name.replace(f"{norm}.weight", f"{linear}.layer_norm_weight"), None)]
+    for w in ("w1", "w2", "w3"):
+        if local_name.endswith(f"experts.{w}"):
+            return [(f"{local_name}.weight{e}", e) for e in range(n_experts)]
+    return [(local_name, None)]
+
+
+@torch.no_grad()
+def copy_local_weights(te_model: nn.Module, local_model: nn.Module) -> None:
+    """Load a local-backend model's weights into a TE-backend model of the same config."""
+    te_params = dict(te_model.named_parameters())
+    n_experts = getattr(local_model.args, "n_routed_experts", 0)
+    for name, param in local_model.named_parameters():
+        for target, expert in te_name(name, n_experts):
+            source = param if expert is None else param[expert].t()
+            te_params[target].copy_(source)
+    te_buffers = dict(te_model.named_buffers())
+    for name, buffer in local_model.named_buffers():
+        te_buffers[name].copy_(buffer)

@@ -1,0 +1,92 @@
+"""Precision settings on the CPU: validation, the start-up checks, the TE backend's CPU-side pieces."""
+
+import contextlib
+
+import pytest
+import torch
+
+from megatron_ds import precision
+from megatron_ds.config import ConfigError, load_config
+from parallel.transformer_engine import pad_groups, te_name
+
+
+def cfg(*overrides: str):
+    return load_config("tiny", overrides=list(overrides))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["precision.fp8=blockwise"], "needs Transformer Engine: set precision.linear_impl=te"),
+        (["precision.linear_impl=te", "precision.fp8=e5m2"], "precision.fp8='e5m2': choose none, blockwise"),
+        (
+            ["precision.linear_impl=te", "parallel.tensor=2"],
+            "set parallel.tensor=1 or precision.linear_impl=local",
+        ),
+    ],
+)
+def test_invalid_precision_is_rejected_at_load(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        cfg(*overrides)
+
+
+def test_local_backend_needs_nothing():
+    precision.check_precision(cfg(), torch.device("cpu"))
+    assert isinstance(precision.forward_context(cfg()), contextlib.nullcontext)
+
+
+def test_te_without_transformer_engine_fails_at_start(monkeypatch):
+    monkeypatch.setattr(precision, "transformer_engine_available", lambda: False)
+    with pytest.raises(ConfigError, match="needs NVIDIA Transformer Engine.*set precision.linear_impl=local"):
+        precision.check_precision(cfg("precision.linear_impl=te"), torch.device("cuda"))
+
+
+def test_te_on_cpu_fails_at_start(monkeypatch):
+    monkeypatch.setattr(precision, "transformer_engine_available", lambda: True)
+    with pytest.raises(ConfigError, match="runs on CUDA GPUs only"):
+        precision.check_precision(cfg("precision.linear_impl=te"), torch.device("cpu"))
+
+
+def test_fp8_on_a_gpu_without_fp8_fails_at_start(monkeypatch):
+    monkeypatch.setattr(precision, "transformer_engine_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    c = cfg("precision.linear_impl=te", "precision.fp8=blockwise")
+    with pytest.raises(ConfigError, match=r"compute capability >= 8.9.*A100 has 8.0: set precision.fp8=none"):
+        precision.check_precision(c, torch.device("cuda"))
+    # BF16 through TE needs no FP8 tensor cores.
+    precision.check_precision(cfg("precision.linear_impl=te"), torch.device("cuda"))
+
+
+def test_pad_groups_aligns_every_expert_and_round_trips():
+    counts = torch.tensor([3, 0, 17, 16])
+    x = torch.randn(int(counts.sum()), 8, requires_grad=True)
+    padded, splits, rows = pad_groups(x, counts, counts.tolist(), 16)
+    assert splits == [16, 0, 32, 16]
+    assert padded.shape == (64, 8)
+    assert torch.equal(padded.index_select(0, rows), x)
+    kept = torch.zeros(64, dtype=torch.bool)
+    kept[rows] = True
+    assert padded[~kept].abs().sum() == 0  # the padding rows are zeros
+    padded.index_select(0, rows).sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+    same, same_splits, no_rows = pad_groups(x, torch.tensor([16, 32]), [16, 32], 16)
+    assert same is x and same_splits == [16, 32] and no_rows is None
+
+
+def test_te_parameter_mapping():
+    assert te_name("layers.0.attn.q_norm.weight", 4) == [("layers.0.attn.wq_b.layer_norm_weight", None)]
+    assert te_name("mtp.0.block.attn.kv_norm.weight", 4) == [
+        ("mtp.0.block.attn.wkv_b.layer_norm_weight", None)
+    ]
+    assert te_name("layers.1.ffn.experts.w2", 2) == [
+        ("layers.1.ffn.experts.w2.weight0", 0),
+        ("layers.1.ffn.experts.w2.weight1", 1),
+    ]
+    assert te_name("layers.0.attn.wq_a.weight", 4) == [("layers.0.attn.wq_a.weight", None)]
+
+
+def test_fp8_recipe_names():
+    assert precision.fp8_recipe("none") is None
+    with pytest.raises(ConfigError, match="choose none, blockwise"):
+        precision.fp8_recipe("mxfp8")
