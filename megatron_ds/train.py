@@ -1,9 +1,10 @@
 """The training loop: one loop for CPU and GPU, read top to bottom.
 
 Per optimizer step: pull the micro-batches of this rank's share of the global batch, run forward
-and backward on each, reduce gradients over data-parallel replicas, clip, step AdamW (ZeRO-1),
-update the MoE balance biases from the step's global expert loads, log, and checkpoint when due
-or when the job is told to stop.
+and backward on each (through Megatron-Core's pipeline schedule when the model is pipelined),
+reduce gradients over data-parallel replicas, clip, step AdamW (ZeRO-1), update the MoE balance
+biases from the step's global expert loads, log, and checkpoint when due or when the job is told
+to stop.
 """
 
 import json
@@ -11,7 +12,9 @@ import math
 import os
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -33,7 +36,7 @@ from parallel.data_parallel import (
 from parallel.expert_parallel import dispatch_metrics
 from parallel.groups import initialize_groups
 from parallel.launcher import init_distributed
-from parallel.parallelize import build_model
+from parallel.pipeline_schedule import PipelineSchedule, build_pipeline_model
 
 EXIT_REQUEUE = 75  # stopped by SIGTERM/SIGUSR1 after saving: requeue the job to continue
 EXIT_DIVERGED = 3  # too many consecutive non-finite steps: saved, stopped for a human to look
@@ -80,6 +83,25 @@ def _all_mean(values: torch.Tensor, group) -> torch.Tensor:
     return values
 
 
+def forward_backward(model, cfg: Config, device, batches, n_micro: int, mtp_weight: float, context):
+    """Forward and backward of one step's micro-batches on an unpipelined model.
+
+    Returns the micro-batch means of (total, lm, mtp, balance) losses, as PipelineSchedule does.
+    """
+    losses = torch.zeros(3, device=device, dtype=torch.float64)  # total, lm, mtp
+    for _ in range(n_micro):
+        batch = next(batches)
+        tokens = batch["tokens"].to(device, non_blocking=True)
+        doc_ids = batch["doc_ids"][:, :-1].to(device) if cfg.data.document_masking else None
+        with context():  # FP8 autocast when precision.fp8 is set
+            out = model(tokens[:, :-1], labels=tokens[:, 1:], doc_ids=doc_ids)
+        loss = out.lm_loss + mtp_weight * out.mtp_loss
+        (loss / n_micro).backward()
+        losses += torch.stack([loss, out.lm_loss, out.mtp_loss]).detach().double() / n_micro
+    balance = sum((g.balance_loss_sum for g in moe_gates(model).values()), torch.zeros((), device=device))
+    return torch.cat([losses, balance.double().view(1) / n_micro])
+
+
 def _total_steps(cfg: Config, granularity: int) -> int:
     """Steps until train.steps or train.train_tokens, whichever comes first (ramp-up included)."""
     t = cfg.train
@@ -97,10 +119,10 @@ def train(cfg: Config, run_dir: Path) -> int:
     from megatron.core import parallel_state as ps
 
     launch = init_distributed()
-    if cfg.parallel.pipeline > 1:
+    if cfg.parallel.pipeline > 1 and not torch.cuda.is_available():
         raise ConfigError(
-            "parallel.pipeline > 1 needs Megatron-Core's pipeline schedules, which run on GPUs only; "
-            "set parallel.pipeline=1"
+            "parallel.pipeline > 1 runs through Megatron-Core's pipeline schedules, which allocate on CUDA "
+            "GPUs only; on CPUs set parallel.pipeline=1"
         )
     dp_size = initialize_groups(cfg).data
     grad_groups = gradient_groups_from_parallel_state()
@@ -117,7 +139,12 @@ def train(cfg: Config, run_dir: Path) -> int:
         (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
 
     t = cfg.train
-    model = build_model(cfg, device)
+    model, chunks = build_pipeline_model(cfg, device)  # chunks: this rank's pipeline stages
+    context = nullcontext  # the forward's context (e.g. FP8 autocast)
+    if cfg.parallel.pipeline > 1:  # Megatron-Core's 1F1B, interleaved with parallel.virtual_pipeline > 1
+        run_micro_batches = PipelineSchedule(model, chunks, cfg, device, context)
+    else:
+        run_micro_batches = partial(forward_backward, model, cfg, device, context=context)
     expert_params = {id(p) for p in split_expert_parameters(model)[1]}
     expert_group = grad_groups.expert_data or dp_group
     optimizer = ZeroAdamW(model, cfg, lambda p: expert_group if id(p) in expert_params else dp_group)
@@ -178,22 +205,10 @@ def train(cfg: Config, run_dir: Path) -> int:
         mtp_weight = schedules.mtp_loss_weight(t, state.tokens)
         BalanceLossGrad.scale = 1.0 / n_micro
 
-        losses = torch.zeros(3, device=device, dtype=torch.float64)  # total, lm, mtp
-        for _ in range(n_micro):
-            batch = next(batches)
-            tokens = batch["tokens"].to(device, non_blocking=True)
-            doc_ids = batch["doc_ids"][:, :-1].to(device) if cfg.data.document_masking else None
-            out = model(tokens[:, :-1], labels=tokens[:, 1:], doc_ids=doc_ids)
-            loss = out.lm_loss + mtp_weight * out.mtp_loss
-            (loss / n_micro).backward()
-            losses += torch.stack([loss, out.lm_loss, out.mtp_loss]).detach().double() / n_micro
-
+        losses = run_micro_batches(batches, n_micro, mtp_weight)  # total, lm, mtp, balance
         reduce_gradients(model, grad_groups)
         grad_norm = global_grad_norm(model, launch.world_size, cfg.parallel.pipeline)
-        balance_loss = sum(
-            (g.balance_loss_sum for g in moe_gates(model).values()), torch.zeros((), device=device)
-        )
-        losses = _all_mean(torch.cat([losses, balance_loss.double().view(1) / n_micro]), dp_group)
+        losses = _all_mean(losses, dp_group)
         finite = math.isfinite(grad_norm.item()) and math.isfinite(losses[0].item())
         if finite:
             clip_gradients(model, grad_norm, t.grad_clip)
