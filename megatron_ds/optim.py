@@ -47,14 +47,15 @@ class ZeroAdamW:
         self.owner: dict[str, tuple[object, int]] = {}  # name -> (group, global rank of the owner)
         self.state: dict[str, dict[str, torch.Tensor]] = {}
         load: dict[object, list[int]] = {}
+        me = dist.get_rank() if dist.is_initialized() else 0
         for name, p in sorted(self.params.items(), key=lambda kv: (-kv[1].numel(), kv[0])):
             group = replica_group_of(p)
             sizes = load.setdefault(group, [0] * _group_size(group))
             index = min(range(len(sizes)), key=sizes.__getitem__)
             sizes[index] += p.numel()
-            owner = dist.get_global_rank(group, index) if group is not None else dist.get_rank()
+            owner = dist.get_global_rank(group, index) if group is not None else me
             self.owner[name] = (group, owner)
-            if owner == (dist.get_rank() if dist.is_initialized() else 0):
+            if owner == me:
                 self.state[name] = self._new_state(p)
 
     def _new_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -72,23 +73,34 @@ class ZeroAdamW:
 
     @torch.no_grad()
     def step(self, lr: float) -> None:
+        """One AdamW update of the owned parameters with multi-tensor (foreach) kernels, then broadcast."""
         self.step_count += 1
         beta1, beta2 = self.betas
         n = int(self.step_count)
         bias1, bias2 = 1 - beta1**n, 1 - beta2**n
-        for name, state in self.state.items():
-            p = self.params[name]
-            master = state.get("master", p)
-            grad = p.grad.float()
-            if p.dim() > 1 and self.weight_decay:
-                master.mul_(1 - lr * self.weight_decay)
-            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-            exp_avg.lerp_(grad.to(exp_avg.dtype), 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (exp_avg_sq.float() / bias2).sqrt_().add_(self.eps)
-            master.addcdiv_(exp_avg.float(), denom, value=-lr / bias1)
-            if master is not p:
-                p.copy_(master)
+        names = list(self.state)
+        if names:
+            params = [self.params[name] for name in names]
+            masters = [self.state[name].get("master", self.params[name]) for name in names]
+            grads = [p.grad.float() for p in params]
+            decayed = [m for m, p in zip(masters, params) if p.dim() > 1]
+            if self.weight_decay and decayed:
+                torch._foreach_mul_(decayed, 1 - lr * self.weight_decay)
+            exp_avgs = [self.state[name]["exp_avg"] for name in names]
+            exp_avg_sqs = [self.state[name]["exp_avg_sq"] for name in names]
+            moment_grads = (
+                grads if self.moment_dtype == torch.float32 else [g.to(self.moment_dtype) for g in grads]
+            )
+            torch._foreach_lerp_(exp_avgs, moment_grads, 1 - beta1)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, moment_grads, moment_grads, value=1 - beta2)
+            denom = torch._foreach_sqrt([v.float() for v in exp_avg_sqs])  # in torch.optim.AdamW's order
+            torch._foreach_div_(denom, math.sqrt(bias2))
+            torch._foreach_add_(denom, self.eps)
+            torch._foreach_addcdiv_(masters, [m.float() for m in exp_avgs], denom, value=-lr / bias1)
+            for master, p in zip(masters, params):
+                if master is not p:
+                    p.copy_(master)
         for name, p in self.params.items():
             group, owner = self.owner[name]
             if group is not None and dist.get_world_size(group) > 1:
@@ -110,11 +122,13 @@ class ZeroAdamW:
 @torch.no_grad()
 def global_grad_norm(model: nn.Module, world_size: int, pipeline: int) -> torch.Tensor:
     """L2 norm of the full gradient: each shard's square sum counted once across all ranks."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norms = torch._foreach_norm([p.grad for p in params]) if params else []
+    weights = [1.0 / copies_of(p, world_size, pipeline) for p in params]
     device = next(model.parameters()).device
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for p in model.parameters():
-        if p.grad is not None:
-            total += p.grad.double().square().sum() / copies_of(p, world_size, pipeline)
+    for norm, weight in zip(norms, weights):
+        total += norm.double().square() * weight
     if dist.is_initialized() and world_size > 1:
         dist.all_reduce(total)
     return total.sqrt().float()
