@@ -28,7 +28,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that describe bad input (configuration, data, checkpoint, environment): their message
     already says what is wrong and what to do, so it is printed instead of a traceback."""

@@ -10,7 +10,7 @@ import pytest
 from conftest import FAST, loss_curve
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI not installed (slurm/localcluster.sh up)")
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="no Open MPI (slurm/localcluster.sh up)")
 def test_two_rank_mpirun_launch(train_dataset, tmp_path):
     pytest.importorskip("mpi4py")
     cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "2", "-x", "OMP_NUM_THREADS=1",
