@@ -12,7 +12,6 @@ import math
 import os
 import signal
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -28,6 +27,7 @@ from megatron_ds.flops import training_flops_per_token
 from megatron_ds.metrics import MetricsLogger, NullLogger, peak_memory_gib, peak_tflops
 from megatron_ds.model.moe import BalanceLossGrad, moe_gates, update_expert_bias
 from megatron_ds.optim import ZeroAdamW, clip_gradients, global_grad_norm
+from megatron_ds.precision import check_precision, forward_context
 from parallel.data_parallel import (
     gradient_groups_from_parallel_state,
     reduce_gradients,
@@ -128,6 +128,7 @@ def train(cfg: Config, run_dir: Path) -> int:
     grad_groups = gradient_groups_from_parallel_state()
     dp_group, dp_rank = grad_groups.data, ps.get_data_parallel_rank()
     device = _setup_device(launch.local_rank)
+    check_precision(cfg, device)
     rank0 = launch.rank == 0
     torch.manual_seed(cfg.train.seed)
     if cfg.train.deterministic:
@@ -140,7 +141,7 @@ def train(cfg: Config, run_dir: Path) -> int:
 
     t = cfg.train
     model, chunks = build_pipeline_model(cfg, device)  # chunks: this rank's pipeline stages
-    context = nullcontext  # the forward's context (e.g. FP8 autocast)
+    context = partial(forward_context, cfg, dp_group)
     if cfg.parallel.pipeline > 1:  # Megatron-Core's 1F1B, interleaved with parallel.virtual_pipeline > 1
         run_micro_batches = PipelineSchedule(model, chunks, cfg, device, context)
     else:

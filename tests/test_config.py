@@ -194,6 +194,6 @@ def test_validate_world():
         validate_world(cfg, 2)
     big = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, expert=1))
     with pytest.raises(
-        ConfigError, match="train.global_batch_size=16 is not a multiple of micro_batch_size x"
+        ConfigError, match="train.global_batch_size=8 is not a multiple of micro_batch_size x"
     ):
         validate_world(big, 2 * 8)
