@@ -150,6 +150,7 @@ def test_mds_submit_dry_run_prints_the_script_and_submits_nothing(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "megatron_ds.cli", "submit", "--preset", "tiny", "--nodes", "2"]
     cmd += ["--gpus-per-node", "2", "--run-dir", str(run_dir), "--dry-run", "train.steps=6"]
+    cmd += ["train.global_batch_size=16", "train.batch_rampup_start=16"]  # 4 ranks x micro-batch 4
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "#SBATCH --nodes=2" in done.stdout and "train.steps=6" in done.stdout
