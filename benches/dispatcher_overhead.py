@@ -15,35 +15,17 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from timing import median_ms
 
 from megatron_ds.config.load import load_config
 from megatron_ds.model.moe import LocalDispatcher, MoE
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.launcher import free_port
-
-
-def timed(fn, device: torch.device, warmup: int, iters: int) -> float:
-    """Median milliseconds of fn() (forward + backward), synchronised across ranks."""
-    samples = []
-    for i in range(warmup + iters):
-        if dist.is_initialized():
-            dist.barrier()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
 
 
 def build_moe(args, device, dtype, world: int) -> MoE:
@@ -94,7 +76,7 @@ def measure(args, device: torch.device, world: int) -> dict:
         w, _, loss = moe.gate(flat.requires_grad_(), args.tokens)
         (w.float().sum() + loss).backward()
 
-    times = {name: timed(fn, device, args.warmup, args.iters) for name, fn in
+    times = {name: median_ms(fn, device, args.warmup, args.iters) for name, fn in
              [("layer", layer), ("gate", gate), ("experts", experts), ("shared", shared)]}  # fmt: skip
     times["dispatch"] = times["layer"] - times["gate"] - times["experts"] - times["shared"]
     times["rows_received"] = int(counts.sum())

@@ -156,24 +156,6 @@ def phase_multi(args) -> None:
     dist.destroy_process_group()
 
 
-def _median_ms(fn, device, iters: int = 20, warmup: int = 5) -> float:
-    import torch
-    import torch.distributed as dist
-
-    samples = []
-    for i in range(warmup + iters):
-        dist.barrier()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
-
-
 def all_to_all_bandwidth(device_name: str) -> dict:
     """Our dispatcher's dispatch at EP = world against all_to_all_single of the same rows.
 
@@ -208,7 +190,9 @@ def all_to_all_bandwidth(device_name: str) -> dict:
     def ours():
         dispatcher.dispatch(x, indices)
 
-    nccl_ms, ours_ms = _median_ms(nccl, device), _median_ms(ours, device)
+    from timing import median_ms
+
+    nccl_ms, ours_ms = median_ms(nccl, device), median_ms(ours, device)
     result = torch.tensor([nccl_ms, ours_ms, remote_bytes], dtype=torch.float64, device=device)
     dist.all_reduce(result, op=dist.ReduceOp.MAX)
     nccl_ms, ours_ms, remote_bytes = result.tolist()
