@@ -1,11 +1,14 @@
 """Preprocessing throughput: `mds preprocess` tokens/s per process against raw `tokenizers` batch encoding.
 
 Corpus: the first ~4 MB of the Python standard library's top-level modules. Both sides are
-single-threaded per process (TOKENIZERS_PARALLELISM=false), so the ratio is per process.
-Run: /tmp/venv/bin/python benches/data_preprocess.py
+single-threaded per process (TOKENIZERS_PARALLELISM=false), so the ratio is per process. The three
+measurements are interleaved and repeated; the table shows each one's median time.
+Run: python benches/data_preprocess.py [--repeats N]
 """
 
+import argparse
 import os
+import statistics
 import sysconfig
 import tempfile
 import time
@@ -45,14 +48,24 @@ def run_preprocess(files: list[Path], processes: int) -> tuple[int, float]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
     files = corpus()
     mb = sum(p.stat().st_size for p in files) / 1e6
-    print(f"corpus: {len(files)} stdlib modules, {mb:.1f} MB")
-    tokens, seconds = raw_encode(files)
+    print(f"corpus: {len(files)} stdlib modules, {mb:.1f} MB, median of {args.repeats} interleaved repeats")
+    runs = {"raw": [], 1: [], 2: []}
+    for _ in range(args.repeats):
+        runs["raw"].append(raw_encode(files))
+        for processes in (1, 2):
+            runs[processes].append(run_preprocess(files, processes))
+    tokens = runs["raw"][0][0]
+    seconds = statistics.median(s for _, s in runs["raw"])
     raw = tokens / seconds
     rows = [("tokenizers encode_batch (1 thread)", 1, tokens, seconds, raw, 1.0)]
     for processes in (1, 2):
-        tokens, seconds = run_preprocess(files, processes)
+        tokens = runs[processes][0][0]
+        seconds = statistics.median(s for _, s in runs[processes])
         rate = tokens / seconds
         rows.append(
             (

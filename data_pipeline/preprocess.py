@@ -180,7 +180,10 @@ def preprocess(
         raise ValueError(f"no input files found in {config.inputs} (pattern {config.pattern!r})")
     key = _receipt_key(tokenizer, config)
     todo = [u for u in units[rank::world_size] if _reusable_receipt(output, u, key) is None]
-    if todo:
+    if todo and config.processes == 1:  # no worker process to start and feed
+        for unit in todo:
+            process_unit(output, unit, tokenizer, config)
+    elif todo:
         with multiprocessing.get_context("fork").Pool(
             config.processes, initializer=_init_worker, initargs=(str(output), config)
         ) as pool:
