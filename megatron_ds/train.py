@@ -175,6 +175,8 @@ def train(cfg: Config, run_dir: Path) -> int:
         logger = NullLogger()
     if resume_from is not None:
         logger.message(f"resumed from {resume_from} at step {state.step}")
+    if state.step >= total_steps:
+        logger.message(f"nothing to do: at step {state.step} of {total_steps}; raise train.steps to go on")
     stop = StopRequest()
     batches = iter(loader)
     model.train()
