@@ -7,6 +7,11 @@ Each subcommand lives in the module that owns its concern and exposes
 import argparse
 import importlib
 import sys
+import warnings
+
+# Megatron-Core warns at import, once per module, that Transformer Engine and Apex are missing.
+# That is the normal CPU set-up; what a run really needs is checked by megatron_ds.precision.
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 # Modules that provide subcommands, in the order `mds --help` lists them.
 COMMAND_MODULES = [
