@@ -6,11 +6,8 @@ model fed the same micro-batches, fp32), but with the schedules' own CUDA p2p. R
 machine: python3 -m pytest -q -o addopts="" tests/gpu/test_pipeline_nccl.py
 """
 
-import datetime
-import json
 import os
 import sys
-import traceback
 from pathlib import Path
 
 import pytest
@@ -49,41 +46,12 @@ def check_interleaved_without_mtp() -> None:
 CHECKS = [check_1f1b, check_interleaved, check_interleaved_without_mtp]
 
 
-def _worker(rank: int, port: int, workdir: str) -> None:
-    import torch.distributed as dist
-
-    torch.cuda.set_device(rank)
-    dist.init_process_group(
-        "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-        timeout=datetime.timedelta(seconds=120), device_id=torch.device("cuda", rank),
-    )  # fmt: skip
-    results = {}
-    for check in CHECKS:
-        try:
-            check()
-            results[check.__name__] = ""
-        except Exception:
-            results[check.__name__] = traceback.format_exc()
-        dist.barrier()
-    Path(workdir, f"rank{rank}.json").write_text(json.dumps(results))
-    dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory) -> dict[str, str]:
-    import torch.multiprocessing as mp
+    from spawn_world import run_checks
 
-    from parallel.launcher import free_port
-
-    workdir = tmp_path_factory.mktemp("pp_nccl")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    mp.start_processes(_worker, args=(free_port(), str(workdir)), nprocs=2, join=True, start_method="spawn")
-    outcome = {check.__name__: "" for check in CHECKS}
-    for rank in range(2):
-        for name, error in json.loads((workdir / f"rank{rank}.json").read_text()).items():
-            if error:
-                outcome[name] += f"\n--- rank {rank} ---\n{error}"
-    return outcome
+    return run_checks(CHECKS, 2, tmp_path_factory.mktemp("pp_nccl"), backend="nccl")
 
 
 @pytest.mark.parametrize("check", [c.__name__ for c in CHECKS])

@@ -1,9 +1,10 @@
-"""Run check functions in a fresh gloo world of N local processes, once per world for many checks.
+"""Run check functions in a fresh world of N local processes, once per world for many checks.
 
-The processes are forked from the test process, so they start with torch and Megatron-Core already
-imported (a spawned process would spend seconds importing them). One world runs all of a module's
-checks in order and reports each check's outcome separately, so a failing check does not hide the
-others. Checks take no arguments.
+On CPUs (gloo) the processes are forked from the test process, so they start with torch and
+Megatron-Core already imported (a spawned process would spend seconds importing them); NCCL worlds
+spawn, one GPU per rank, since CUDA does not survive a fork. One world runs all of a module's checks
+in order and reports each check's outcome separately, so a failing check does not hide the others.
+Checks take no arguments.
 """
 
 import datetime
@@ -19,15 +20,17 @@ import torch.multiprocessing as mp
 from parallel.launcher import free_port
 
 
-def run_checks(checks, world_size: int, workdir: Path, timeout_s: int = 120) -> dict[str, str]:
+def run_checks(
+    checks, world_size: int, workdir: Path, timeout_s: int = 120, backend: str = "gloo"
+) -> dict[str, str]:
     """Run `checks` (functions) on every rank; returns {check name: "" if it passed, else the errors}."""
     port = free_port()
     mp.start_processes(
         _worker,
-        args=(checks, world_size, port, str(workdir), timeout_s),
+        args=(checks, world_size, port, str(workdir), timeout_s, backend),
         nprocs=world_size,
         join=True,
-        start_method="fork",
+        start_method="fork" if backend == "gloo" else "spawn",
     )
     outcome = {check.__name__: "" for check in checks}
     for rank in range(world_size):
@@ -37,15 +40,21 @@ def run_checks(checks, world_size: int, workdir: Path, timeout_s: int = 120) -> 
     return outcome
 
 
-def _worker(rank, checks, world_size, port, workdir, timeout_s):
-    torch.set_num_threads(1)
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+def _worker(rank, checks, world_size, port, workdir, timeout_s, backend):
+    device = None
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    else:
+        torch.set_num_threads(1)
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group(
-        "gloo",
+        backend,
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
+        device_id=device,
     )
     results = {}
     for check in checks:
