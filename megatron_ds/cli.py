@@ -36,10 +36,21 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that describe bad input (configuration, data, checkpoint, environment): their message
     already says what is wrong and what to do, so it is printed instead of a traceback."""
+    from data_pipeline.inputs import UnreadableInput
+    from data_pipeline.shards import CorruptShard
     from megatron_ds.checkpoint import CheckpointError
+    from megatron_ds.jobs.submit import SubmitError
     from parallel.launcher import LaunchError
 
-    return (ValueError, FileNotFoundError, CheckpointError, LaunchError)
+    return (
+        ValueError,
+        FileNotFoundError,
+        CheckpointError,
+        LaunchError,
+        SubmitError,
+        CorruptShard,
+        UnreadableInput,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

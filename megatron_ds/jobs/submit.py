@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from megatron_ds.jobs.sbatch import GPU_ENV, JobSpec, JobSpecError, Run, render_sbatch
+from megatron_ds.jobs.sbatch import GPU_ENV, JobSpec, Run, render_sbatch
 
 
 class SubmitError(RuntimeError):
@@ -128,14 +128,6 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        return _submit(args)
-    except (JobSpecError, SubmitError) as err:
-        print(f"mds submit: {err}", file=sys.stderr)
-        return 2
-
-
-def _submit(args: argparse.Namespace) -> int:
     ranks_per_node = args.tasks_per_node or args.gpus_per_node or 1
     default_dir = f"runs/{args.preset}-{args.nodes}x{ranks_per_node}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(os.path.abspath(args.run_dir or default_dir))

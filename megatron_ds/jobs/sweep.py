@@ -35,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from megatron_ds.jobs.sbatch import JobSpec, JobSpecError, Run, render_sbatch
+from megatron_ds.jobs.sbatch import JobSpec, Run, render_sbatch
 from megatron_ds.jobs.submit import SubmitError, check_config, sbatch, with_node_size
 
 JOB_KEYS = (
@@ -124,14 +124,6 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        return _sweep(args)
-    except (SweepError, JobSpecError, SubmitError) as err:
-        print(f"mds sweep: {err}", file=sys.stderr)
-        return 2
-
-
-def _sweep(args: argparse.Namespace) -> int:
     spec = yaml.safe_load(Path(args.spec).read_text()) or {}
     if not isinstance(spec, dict) or "grid" not in spec:
         raise SweepError(f"{args.spec} must be a mapping with a `grid`")
