@@ -123,12 +123,12 @@ class ZeroAdamW:
 def global_grad_norm(model: nn.Module, world_size: int, pipeline: int) -> torch.Tensor:
     """L2 norm of the full gradient: each shard's square sum counted once across all ranks."""
     params = [p for p in model.parameters() if p.grad is not None]
-    norms = torch._foreach_norm([p.grad for p in params]) if params else []
-    weights = [1.0 / copies_of(p, world_size, pipeline) for p in params]
     device = next(model.parameters()).device
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for norm, weight in zip(norms, weights):
-        total += norm.double().square() * weight
+    if params:
+        norms = torch.stack(torch._foreach_norm([p.grad for p in params])).double()
+        weights = torch.tensor([1.0 / copies_of(p, world_size, pipeline) for p in params], device=device)
+        total += (norms.square() * weights.double()).sum()
     if dist.is_initialized() and world_size > 1:
         dist.all_reduce(total)
     return total.sqrt().float()

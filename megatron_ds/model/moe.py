@@ -170,13 +170,14 @@ def update_expert_bias(model: nn.Module, speed: float, group=None) -> dict[str, 
     Loads are summed over `group` (the data-parallel ranks) first, so every rank applies the
     same update. Returns each gate's global load for metrics and resets the counters.
     """
-    loads = {}
-    for name, gate in moe_gates(model).items():
-        load = gate.expert_load.clone()
-        if group is not None and dist.get_world_size(group) > 1:
-            dist.all_reduce(load, group=group)
+    gates = moe_gates(model)
+    if not gates:
+        return {}
+    loads = torch.stack([gate.expert_load for gate in gates.values()])  # one all-reduce for all layers
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(loads, group=group)
+    for gate, load in zip(gates.values(), loads):
         if speed:
             gate.bias += speed * torch.sign(load.mean() - load)
         gate.expert_load.zero_()
-        loads[name] = load
-    return loads
+    return dict(zip(gates, loads))
