@@ -8,6 +8,7 @@ output head, router, norms and the attention core stay in BF16/FP32, as the repo
 """
 
 import contextlib
+import functools
 
 import torch
 
@@ -61,8 +62,13 @@ def check_precision(cfg: Config, device: torch.device) -> None:
         raise ConfigError(f"precision.fp8={pr.fp8} is not available here ({reason}): set precision.fp8=none")
 
 
+@functools.cache
 def fp8_recipe(fp8: str):
-    """The Transformer Engine recipe named by precision.fp8 (None for `none`)."""
+    """The Transformer Engine recipe named by precision.fp8 (None for `none`).
+
+    One object per name for the whole run: the forward context asks for it every micro-batch, and
+    delayed scaling keeps its amax history with the recipe it was started with.
+    """
     if fp8 == "none":
         return None
     if fp8 not in ("blockwise", "delayed", "current"):
