@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from megatron_ds.checkpoint.sharding import MeshCache, dcp_state, full_shape
+from megatron_ds.checkpoint.sharding import MeshCache, dcp_state, full_shape, part_of
 from megatron_ds.checkpoint.storage import (
     METADATA_FILE,
     CheckpointError,
@@ -136,7 +136,7 @@ def _masters_from_model(tensors: dict[str, torch.Tensor]) -> None:
         if key.startswith("optim.") and key.endswith(".master"):
             param = tensors.get("model." + key.removeprefix("optim.").removesuffix(".master"))
             if param is not None:
-                master.copy_(param)
+                master.copy_(part_of(master, param))
 
 
 class Checkpointer:

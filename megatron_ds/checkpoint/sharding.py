@@ -6,17 +6,60 @@ group; everything else is a plain (replicated) tensor. DCP stores each piece onc
 on data-parallel ranks are deduplicated by its planner) under the full tensor's name and
 shape, and on load copies to every rank exactly the part of the full tensor its own target
 covers, so any (TP, EP, DP) layout reads any other.
+
+A distributed optimizer (Megatron-Core's) keeps each parameter's state as a flat range of the
+flattened local parameter, cut wherever its data-parallel buffers end. Such a 1-D tensor carries
+`mds_flat_range = (start, stop, local_shape)`; it is described to DCP as the few boxes of the full
+tensor that the range covers, so it reads and writes the same checkpoint keys as whole tensors.
 """
 
 import math
 
 import torch
 import torch.distributed as dist
+from torch.distributed._shard.metadata import ShardMetadata
+from torch.distributed._shard.sharded_tensor import Shard as LocalShard
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from megatron_ds.checkpoint.storage import CheckpointError
 from megatron_ds.model.init import SHARD_ATTR, SHARD_GROUP_ATTR
+
+FLAT_RANGE_ATTR = "mds_flat_range"
+
+
+def mark_flat_range(tensor: torch.Tensor, start: int, stop: int, of: torch.Tensor) -> None:
+    """`tensor` (1-D) holds elements [start, stop) of `of` flattened; it inherits of's shard mark."""
+    setattr(tensor, FLAT_RANGE_ATTR, (start, stop, tuple(of.shape)))
+    for attr in (SHARD_ATTR, SHARD_GROUP_ATTR):
+        if hasattr(of, attr):
+            setattr(tensor, attr, getattr(of, attr))
+
+
+def flat_range_boxes(start: int, stop: int, shape: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
+    """Split [start, stop) of a row-major tensor of `shape` into (offsets, sizes) boxes, in order.
+
+    Each box is a contiguous run of the flat range, so box i is flat[a_i : a_i + numel_i].
+    """
+    if start >= stop:
+        return []
+    if len(shape) <= 1:
+        return [([start], [stop - start])]
+    row = math.prod(shape[1:])
+    (first_row, first_col), (last_row, last_col) = divmod(start, row), divmod(stop, row)
+    if first_row == last_row:  # inside one row: recurse into it
+        return [([first_row, *o], [1, *s]) for o, s in flat_range_boxes(first_col, last_col, shape[1:])]
+    boxes = []
+    if first_col:  # a partial first row
+        boxes += [([first_row, *o], [1, *s]) for o, s in flat_range_boxes(first_col, row, shape[1:])]
+        first_row += 1
+    if last_row > first_row:  # whole rows
+        boxes.append(([first_row] + [0] * (len(shape) - 1), [last_row - first_row, *shape[1:]]))
+    if last_col:  # a partial last row
+        boxes += [([last_row, *o], [1, *s]) for o, s in flat_range_boxes(0, last_col, shape[1:])]
+    return boxes
 
 
 class MeshCache:
@@ -32,41 +75,101 @@ class MeshCache:
         return self._meshes[key][1]
 
 
+def local_shape(tensor: torch.Tensor) -> torch.Size:
+    """The shape of this rank's whole shard, of which a flat-range tensor holds a part."""
+    flat = getattr(tensor, FLAT_RANGE_ATTR, None)
+    return torch.Size(flat[2]) if flat is not None else tensor.shape
+
+
 def full_shape(tensor: torch.Tensor) -> torch.Size:
     """The shape of the whole tensor this (possibly sharded) local tensor belongs to."""
+    shape = list(local_shape(tensor))
     shard = getattr(tensor, SHARD_ATTR, None)
-    if shard is None:
-        return tensor.shape
-    dim, _, size = shard
-    shape = list(tensor.shape)
-    shape[dim] = size
+    if shard is not None:
+        dim, _, size = shard
+        shape[dim] = size
     return torch.Size(shape)
+
+
+def part_of(tensor: torch.Tensor, whole_local: torch.Tensor) -> torch.Tensor:
+    """The part of `whole_local` (a tensor of this rank's shard shape) that `tensor` holds."""
+    flat = getattr(tensor, FLAT_RANGE_ATTR, None)
+    return whole_local if flat is None else whole_local.reshape(-1)[flat[0] : flat[1]]
 
 
 def _is_split(tensor: torch.Tensor) -> bool:
     shard = getattr(tensor, SHARD_ATTR, None)
-    return shard is not None and tensor.size(shard[0]) != shard[2]
+    return shard is not None and local_shape(tensor)[shard[0]] != shard[2]
 
 
 def dcp_view(name: str, tensor: torch.Tensor, local: torch.Tensor, meshes: MeshCache) -> torch.Tensor:
     """Wrap `local` (the storage of `tensor`, possibly a CPU copy) for DCP according to its shard mark."""
+    if hasattr(tensor, FLAT_RANGE_ATTR):
+        return _flat_range_view(name, tensor, local)
     if not _is_split(tensor):
         return local
-    dim, start, size = getattr(tensor, SHARD_ATTR)
-    group = getattr(tensor, SHARD_GROUP_ATTR, None)
-    if group is None or not dist.is_initialized():
-        raise CheckpointError(f"{name} is a slice {tuple(tensor.shape)} of size {size} without a shard group")
-    mesh = meshes.get(group)
-    n, rank = dist.get_world_size(group), dist.get_rank(group)
-    chunk = math.ceil(size / n)
-    if start != rank * chunk or tensor.size(dim) != min(chunk, size - start):
-        raise CheckpointError(
-            f"{name}: slice [{start}:{start + tensor.size(dim)}] of dim {dim} on group rank {rank} of {n} "
-            f"is not the rank-ordered even split of {size} that checkpointing supports"
-        )
+    dim, start, size = _checked_shard(name, tensor)
+    mesh = meshes.get(getattr(tensor, SHARD_GROUP_ATTR))
     shape = full_shape(tensor)
     stride = torch.empty(shape, device="meta").stride()
     return DTensor.from_local(local, mesh, [Shard(dim)], run_check=False, shape=shape, stride=stride)
+
+
+def _checked_shard(name: str, tensor: torch.Tensor) -> tuple[int, int, int]:
+    """The shard mark (dim, start, full size), checked to be the rank-ordered even split DCP expects."""
+    dim, start, size = getattr(tensor, SHARD_ATTR)
+    local_size = local_shape(tensor)[dim]
+    group = getattr(tensor, SHARD_GROUP_ATTR, None)
+    if group is None or not dist.is_initialized():
+        raise CheckpointError(f"{name} is a slice of size {local_size} of {size} without a shard group")
+    n, rank = dist.get_world_size(group), dist.get_rank(group)
+    chunk = math.ceil(size / n)
+    if start != rank * chunk or local_size != min(chunk, size - start):
+        raise CheckpointError(
+            f"{name}: slice [{start}:{start + local_size}] of dim {dim} on group rank {rank} of {n} "
+            f"is not the rank-ordered even split of {size} that checkpointing supports"
+        )
+    return dim, start, size
+
+
+def _flat_range_view(name: str, tensor: torch.Tensor, local: torch.Tensor) -> ShardedTensor:
+    """A flat range as a ShardedTensor whose local shards are the boxes it covers (views of `local`).
+
+    DCP plans from local shards only and merges all ranks' plans; ShardedTensor itself insists on
+    metadata that tiles the whole tensor, so the rest is listed as boxes placed on another rank.
+    """
+    start, stop, shape = getattr(tensor, FLAT_RANGE_ATTR)
+    full = full_shape(tensor)
+    offset = [0] * len(shape)
+    rest = []  # boxes of the full tensor outside this rank's shard
+    if _is_split(tensor):
+        dim, first, size = _checked_shard(name, tensor)
+        offset[dim] = first
+        for lo, hi in ((0, first), (first + shape[dim], size)):
+            if lo < hi:
+                rest.append(([lo if d == dim else 0 for d in range(len(full))],
+                             [hi - lo if d == dim else n for d, n in enumerate(full)]))  # fmt: skip
+    numel = math.prod(shape)
+    outside_range = flat_range_boxes(0, start, shape) + flat_range_boxes(stop, numel, shape)
+    rest += [([o + d for o, d in zip(offs, offset)], sizes) for offs, sizes in outside_range]
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if rest and world == 1:
+        raise CheckpointError(f"{name}: a single process holds only [{start}:{stop}] of {numel} elements")
+    shards, cursor = [], 0
+    for offsets, sizes in flat_range_boxes(start, stop, shape):
+        n = math.prod(sizes)
+        box = local[cursor : cursor + n].view(sizes)
+        shards.append(LocalShard.from_tensor_and_offsets(box, [o + d for o, d in zip(offsets, offset)], rank))
+        cursor += n
+    elsewhere = f"rank:{(rank + 1) % world}/{local.device}"
+    metadata = ShardedTensorMetadata(
+        [s.metadata for s in shards] + [ShardMetadata(o, n, elsewhere) for o, n in rest],
+        full,
+        TensorProperties(dtype=local.dtype, layout=local.layout, requires_grad=False,
+                         memory_format=torch.contiguous_format, pin_memory=local.is_pinned()),
+    )  # fmt: skip
+    return ShardedTensor._init_from_local_shards_and_global_metadata(shards, metadata)
 
 
 def dcp_state(tensors: dict[str, torch.Tensor], meshes: MeshCache, copy: bool, buffers: dict | None = None):
@@ -76,16 +179,20 @@ def dcp_state(tensors: dict[str, torch.Tensor], meshes: MeshCache, copy: bool, b
     saves); otherwise CPU tensors are used in place and only device tensors are staged. Copies
     go into `buffers` (name -> tensor), reused from save to save when shape and dtype still
     match: writing into memory already touched is several times faster than fresh allocations.
+    Snapshots of GPU tensors go to pinned memory, all copies in flight at once, one wait at the end.
     """
     buffers = {} if buffers is None else buffers
     state, staged = {}, []
     for name, tensor in tensors.items():
         local = tensor.detach()
         if copy or local.device.type != "cpu":
+            pin = copy and local.is_cuda
             buffer = buffers.get(name)
             if buffer is None or buffer.shape != local.shape or buffer.dtype != local.dtype:
-                buffer = buffers[name] = torch.empty(local.shape, dtype=local.dtype, device="cpu")
-            local = buffer.copy_(local)
+                buffer = buffers[name] = torch.empty(local.shape, dtype=local.dtype, pin_memory=pin)
+            local = buffer.copy_(local, non_blocking=pin)
             staged.append((tensor, local))
         state[name] = dcp_view(name, tensor, local, meshes)
+    if any(target.is_cuda for target, _ in staged):
+        torch.cuda.synchronize()
     return state, staged

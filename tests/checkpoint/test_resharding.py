@@ -1,8 +1,9 @@
 """A checkpoint saved under one parallel layout loads exactly under another.
 
 One forked gloo world of 2 ranks saves and loads under TP=2, TP=1/DP=2 (with ZeRO-1-style
-optimizer keys that only their owning rank holds) and EP=2 (stacked expert weights split along
-the expert dim); the test process itself saves and loads single-process checkpoints. Because
+optimizer keys that only their owning rank holds, and with distributed-optimizer-style flat
+ranges cut anywhere in a parameter) and EP=2 (stacked expert weights split along the expert dim);
+the test process itself saves and loads single-process checkpoints. Because
 weight initialisation does not depend on the layout, "loaded exactly" means: equal to a model of
 the saving seed built directly in the loading layout.
 """
@@ -18,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megatron_ds.checkpoint import Checkpointer, model_tensors
+from megatron_ds.checkpoint.sharding import flat_range_boxes, mark_flat_range, part_of
 from megatron_ds.config import CheckpointConfig, config_to_dict, load_config
 from megatron_ds.model.init import mark_shard
 from parallel.parallelize import build_model
@@ -46,6 +48,25 @@ def optimizer_state(params: dict[str, torch.Tensor], dp_rank: int, dp_size: int)
                 mark_shard(t, *p.mds_shard, p.mds_shard_group)
             state[f"optim.{name.removeprefix('model.')}.{slot}"] = t
     state["optim.step"] = torch.tensor(7.0)
+    return state
+
+
+def flat_optimizer_state(params: dict[str, torch.Tensor], dp_rank: int, dp_size: int) -> dict:
+    """optimizer_state's values as a distributed optimizer shards them: all tensors laid end to end
+    in one flat buffer, cut into dp_size equal pieces (through rows and parameters alike)."""
+    whole = optimizer_state(params, 0, 1)
+    del whole["optim.step"]
+    total = sum(t.numel() for t in whole.values())
+    piece = -(-total // dp_size)
+    mine = (dp_rank * piece, min(total, (dp_rank + 1) * piece))
+    state, offset = {}, 0
+    for key, t in whole.items():
+        start, stop = max(mine[0] - offset, 0), min(mine[1] - offset, t.numel())
+        offset += t.numel()
+        if start < stop:
+            flat = t.reshape(-1)[start:stop].clone()
+            mark_flat_range(flat, start, stop, of=t)
+            state[key] = flat
     return state
 
 
@@ -111,7 +132,12 @@ def _world(rank: int, port: int, workdir: str):
         target = scrambled(optimizer_state(model_state(OTHER_SEED), rank, 2))
         Checkpointer(root / "dp1", cfg).load(root / "dp1", target, None)
         assert_equal(target, optimizer_state(params, rank, 2))
-        # TP=1 -> TP=2, with the sharded optimizer keys as well.
+        # Whole optimizer tensors -> distributed-optimizer flat ranges (DP=2), and flat ranges saved.
+        target = scrambled(flat_optimizer_state(model_state(OTHER_SEED), rank, 2))
+        Checkpointer(root / "dp1", cfg).load(root / "dp1", target, None)
+        assert_equal(target, flat_optimizer_state(params, rank, 2))
+        Checkpointer(root / "flat2", cfg).save(5, {**params, **flat_optimizer_state(params, rank, 2)}, {})
+        # TP=1 -> TP=2, with the sharded optimizer keys as well, whole and as flat ranges.
         ps.destroy_model_parallel()
         ps.initialize_model_parallel(2)
         groups = groups_from_parallel_state()
@@ -120,6 +146,9 @@ def _world(rank: int, port: int, workdir: str):
         Checkpointer(root / "dp1", cfg).load(root / "dp1", target, None)
         want = model_state(SAVED_SEED, groups)
         assert_equal(target, {**want, **optimizer_state(want, 0, 1)})
+        target = scrambled(flat_optimizer_state(params, 0, 1))
+        Checkpointer(root / "flat2", cfg).load(root / "flat2", target, None)
+        assert_equal(target, flat_optimizer_state(want, 0, 1))
         ps.destroy_model_parallel()
     except Exception:
         error = traceback.format_exc()
@@ -155,3 +184,34 @@ def test_zero1_optimizer_keys_from_two_ranks_load_in_one_process(world_dir):
     target = {**scrambled(model_state(OTHER_SEED)), **scrambled(optimizer_state(params, 0, 1))}
     Checkpointer(world_dir / "dp2", CheckpointConfig()).load(world_dir / "dp2", target, None)
     assert_equal(target, {**params, **optimizer_state(params, 0, 1)})
+
+
+def test_flat_ranges_from_two_ranks_load_as_whole_tensors_in_one_process(world_dir):
+    params = model_state(SAVED_SEED)
+    target = scrambled(optimizer_state(params, 0, 1))
+    del target["optim.step"]
+    Checkpointer(world_dir / "flat2", CheckpointConfig()).load(world_dir / "flat2", target, None)
+    want = optimizer_state(params, 0, 1)
+    del want["optim.step"]
+    assert_equal(target, want)
+
+
+def test_flat_range_boxes_tile_the_range_in_order():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        shape = tuple(int(n) for n in torch.randint(1, 5, (int(torch.randint(1, 4, (1,), generator=gen)),),
+                                                    generator=gen))  # fmt: skip
+        numel = torch.Size(shape).numel()
+        start = int(torch.randint(0, numel, (1,), generator=gen))
+        stop = int(torch.randint(start + 1, numel + 1, (1,), generator=gen))
+        index = torch.arange(numel).view(shape)
+        covered = torch.cat([index[tuple(slice(o, o + n) for o, n in zip(offs, sizes))].reshape(-1)
+                             for offs, sizes in flat_range_boxes(start, stop, shape)])  # fmt: skip
+        assert covered.tolist() == list(range(start, stop)), (shape, start, stop)
+        assert torch.equal(part_of(_flat(start, stop, shape), index), index.reshape(-1)[start:stop])
+
+
+def _flat(start, stop, shape):
+    t = torch.empty(stop - start)
+    mark_flat_range(t, start, stop, of=torch.empty(shape))
+    return t
