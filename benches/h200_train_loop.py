@@ -3,14 +3,19 @@ asynchronous checkpoint save blocks the loop.
 
 1. Optimizer share: `--preset` (dsv3-bench) in bf16 with the local backend, one optimizer step per
    global batch of the preset (train.global_batch_size micro-batches of 1 x seq 4096 on one GPU):
-   forward+backward of every micro-batch, then global-norm clip and ZeroAdamW (fp32 master weights
-   and moments, multi-tensor kernels). Reports the median split over `--steps` steps after a warm-up.
+   forward+backward of every micro-batch, then the optimizer backend the training loop uses
+   (`--optimizer-impl`: megatron = Megatron-Core DDP + distributed optimizer, zero1 = ours): gradient
+   reduction, global-norm clip, AdamW with fp32 master weights and moments. Reports the median split
+   over `--steps` steps after a warm-up.
 2. Async save: megatron_ds.checkpoint.Checkpointer(async_save=True) saving model + optimizer state of
    a model cut to `--save-layers` layers (the full dsv3-bench state, ~79 GB, does not fit the 64 GB
-   disk of the device machine twice); the blocking time is the GPU -> CPU snapshot, reported with the
-   checkpoint size so it scales to other sizes.
+   disk of the device machine twice); the blocking time is the GPU -> CPU snapshot (pinned buffers),
+   reported with the checkpoint size so it scales to other sizes.
 
-    python3 benches/h200_train_loop.py                       # on the GPU machine; prints a table
+Each run measures one optimizer backend in its own process (a second model would not fit beside it):
+
+    python3 benches/h200_train_loop.py --optimizer-impl megatron     # on the GPU machine; prints a table
+    python3 benches/h200_train_loop.py --optimizer-impl zero1
 """
 
 import argparse
@@ -38,15 +43,23 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _model_and_optimizer(cfg, device: str):
+    import torch
+
+    from megatron_ds.train import build_optimizer
+    from parallel.groups import initialize_groups
+    from parallel.parallelize import build_model
+
+    initialize_groups(cfg)
+    model = build_model(cfg, device)
+    return model, build_optimizer(cfg, model, [model], torch.device(device), 1)
+
+
 def optimizer_share(preset: str, steps: int, device: str, overrides: list[str]) -> dict:
     import torch
 
-    from megatron_ds.optim import ZeroAdamW, clip_gradients, global_grad_norm
-    from parallel.parallelize import ModelGroups, build_model
-
     cfg = _cfg(preset, overrides)
-    model = build_model(cfg, device, ModelGroups())
-    optimizer = ZeroAdamW(model, cfg, lambda p: None)
+    model, optimizer = _model_and_optimizer(cfg, device)
     n_micro = cfg.train.global_batch_size
     tokens = torch.randint(0, cfg.model.vocab_size, (1, cfg.train.seq_len + 1), device=device)
     splits = []
@@ -58,9 +71,7 @@ def optimizer_share(preset: str, steps: int, device: str, overrides: list[str]) 
             ((out.lm_loss + 0.3 * out.mtp_loss) / n_micro).backward()
         _sync(device)
         middle = time.perf_counter()
-        norm = global_grad_norm(model, 1, 1)
-        clip_gradients(model, norm, cfg.train.grad_clip)
-        optimizer.step(1e-4)
+        optimizer.step(1e-4, optimizer.reduce_gradients())
         optimizer.zero_grad()
         _sync(device)
         end = time.perf_counter()
@@ -70,28 +81,22 @@ def optimizer_share(preset: str, steps: int, device: str, overrides: list[str]) 
     optim = statistics.median(s[1] for s in splits)
     result = {
         "preset": preset,
+        "optimizer_impl": cfg.train.optimizer_impl,
         "micro_batches_per_step": n_micro,
         "forward_backward_s": forward_backward,
         "optimizer_s": optim,
         "optimizer_share": optim / (forward_backward + optim),
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0,
     }
-    del model, optimizer
-    if device == "cuda":
-        torch.cuda.empty_cache()
     return result
 
 
 def async_save_blocking(preset: str, layers: int, device: str, overrides: list[str]) -> dict:
-
     from megatron_ds.checkpoint import Checkpointer, model_tensors
     from megatron_ds.config import CheckpointConfig
-    from megatron_ds.optim import ZeroAdamW
-    from parallel.parallelize import ModelGroups, build_model
 
     cfg = _cfg(preset, [*overrides, f"model.n_layers={layers}"])
-    model = build_model(cfg, device, ModelGroups())
-    optimizer = ZeroAdamW(model, cfg, lambda p: None)
+    model, optimizer = _model_and_optimizer(cfg, device)
     tensors = {**model_tensors(model), **optimizer.state_tensors()}
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     result = {"save_layers": layers, "checkpoint_gib": size / 2**30}
@@ -116,21 +121,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--save-layers", type=int, default=4)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--optimizer-impl", default="megatron", choices=["megatron", "zero1"])
+    parser.add_argument("--measure", nargs="+", default=["share", "save"], choices=["share", "save"])
     parser.add_argument("overrides", nargs="*", help="dotted config overrides (e.g. for a CPU smoke run)")
     parser.add_argument("--out", default=os.environ.get("OUT", "runs/h200"))
     args = parser.parse_args()
     from parallel.launcher import init_distributed
 
     init_distributed()  # one process: NCCL on a GPU, gloo on a CPU
-    result = {
-        **optimizer_share(args.preset, args.steps, args.device, args.overrides),
-        **async_save_blocking(args.preset, args.save_layers, args.device, args.overrides),
-    }
+    overrides = [f"train.optimizer_impl={args.optimizer_impl}", *args.overrides]
+    result = {}
+    if "share" in args.measure:
+        result.update(optimizer_share(args.preset, args.steps, args.device, overrides))
+    if "save" in args.measure:
+        result.update(async_save_blocking(args.preset, args.save_layers, args.device, overrides))
     print(f"{'figure':42} value")
     for key, value in result.items():
         print(f"{key:42} {value:.4g}" if isinstance(value, float) else f"{key:42} {value}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "h200_train_loop.json").write_text(json.dumps(result, indent=1))
+    name = f"h200_train_loop_{args.optimizer_impl}_{'_'.join(args.measure)}.json"
+    (Path(args.out) / name).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

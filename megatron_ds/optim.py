@@ -15,6 +15,11 @@ from torch import nn
 
 from megatron_ds.config import Config
 from megatron_ds.model.init import SHARD_ATTR, SHARD_GROUP_ATTR
+from parallel.data_parallel import (
+    gradient_groups_from_parallel_state,
+    reduce_gradients,
+    split_expert_parameters,
+)
 
 # Set on a parameter that several pipeline stages hold (the embedding, shared by the first stage and
 # MTP on the last): how many stages hold it, so that the global norm counts it once.
@@ -141,3 +146,34 @@ def clip_gradients(model: nn.Module, norm: torch.Tensor, max_norm: float) -> Non
         for p in model.parameters():
             if p.grad is not None:
                 p.grad.mul_(coef)
+
+
+class ZeroOneOptimizer:
+    """Our optimizer backend (CPU/gloo and GPU/NCCL alike): flat all-reduce over the data-parallel
+    groups, global-norm clip, ZeroAdamW. Same interface as parallel.megatron_optimizer's."""
+
+    def __init__(self, model: nn.Module, cfg: Config, world_size: int):
+        self.model, self.world_size = model, world_size
+        self.pipeline, self.grad_clip = cfg.parallel.pipeline, cfg.train.grad_clip
+        self.groups = gradient_groups_from_parallel_state()
+        experts = {id(p) for p in split_expert_parameters(model)[1]}
+        expert_group = self.groups.expert_data or self.groups.data
+        self.adamw = ZeroAdamW(model, cfg, lambda p: expert_group if id(p) in experts else self.groups.data)
+
+    def reduce_gradients(self) -> torch.Tensor:
+        """Average the step's gradients over data-parallel replicas; return their global norm."""
+        reduce_gradients(self.model, self.groups)
+        return global_grad_norm(self.model, self.world_size, self.pipeline)
+
+    def step(self, lr: float, grad_norm: torch.Tensor) -> None:
+        clip_gradients(self.model, grad_norm, self.grad_clip)
+        self.adamw.step(lr)
+
+    def zero_grad(self) -> None:
+        self.adamw.zero_grad()
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return self.adamw.state_tensors()
+
+    def loaded(self) -> None:
+        """Nothing to do after a checkpoint load: the state was loaded in place."""

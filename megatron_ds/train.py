@@ -2,9 +2,9 @@
 
 Per optimizer step: pull the micro-batches of this rank's share of the global batch, run forward
 and backward on each (through Megatron-Core's pipeline schedule when the model is pipelined),
-reduce gradients over data-parallel replicas, clip, step AdamW (ZeRO-1), update the MoE balance
-biases from the step's global expert loads, log, and checkpoint when due or when the job is told
-to stop.
+reduce gradients over data-parallel replicas, clip, step AdamW (our ZeRO-1 backend, or
+Megatron-Core's DDP and distributed optimizer on GPUs), update the MoE balance biases from the
+step's global expert loads, log, and checkpoint when due or when the job is told to stop.
 """
 
 import json
@@ -26,13 +26,9 @@ from megatron_ds.config import Config, ConfigError, config_to_dict, config_to_ya
 from megatron_ds.flops import training_flops_per_token
 from megatron_ds.metrics import MetricsLogger, NullLogger, peak_memory_gib, peak_tflops
 from megatron_ds.model.moe import BalanceLossGrad, moe_gates, update_expert_bias
-from megatron_ds.optim import ZeroAdamW, clip_gradients, global_grad_norm
+from megatron_ds.optim import ZeroOneOptimizer
 from megatron_ds.precision import check_precision, forward_context
-from parallel.data_parallel import (
-    gradient_groups_from_parallel_state,
-    reduce_gradients,
-    split_expert_parameters,
-)
+from parallel.data_parallel import gradient_groups_from_parallel_state
 from parallel.expert_parallel import dispatch_metrics
 from parallel.groups import initialize_groups
 from parallel.launcher import init_distributed
@@ -102,6 +98,24 @@ def forward_backward(model, cfg: Config, device, batches, n_micro: int, mtp_weig
     return torch.cat([losses, balance.double().view(1) / n_micro])
 
 
+def build_optimizer(cfg: Config, model, chunks, device: torch.device, world_size: int):
+    """The optimizer backend train.optimizer_impl names (see config/schema.py)."""
+    impl = cfg.train.optimizer_impl
+    if impl == "auto":
+        gpu = device.type == "cuda" and not cfg.precision.bf16_optimizer_moments
+        impl = "megatron" if gpu else "zero1"
+    if impl == "zero1":
+        return ZeroOneOptimizer(model, cfg, world_size)
+    if device.type != "cuda":
+        raise ConfigError(
+            "train.optimizer_impl=megatron runs Megatron-Core's DDP and distributed optimizer, which need "
+            "CUDA GPUs; on CPUs set train.optimizer_impl=zero1 (or auto)"
+        )
+    from parallel.megatron_optimizer import MegatronOptimizer
+
+    return MegatronOptimizer(model, chunks, cfg)
+
+
 def _total_steps(cfg: Config, granularity: int) -> int:
     """Steps until train.steps or train.train_tokens, whichever comes first (ramp-up included)."""
     t = cfg.train
@@ -125,8 +139,7 @@ def train(cfg: Config, run_dir: Path) -> int:
             "GPUs only; on CPUs set parallel.pipeline=1"
         )
     dp_size = initialize_groups(cfg).data
-    grad_groups = gradient_groups_from_parallel_state()
-    dp_group, dp_rank = grad_groups.data, ps.get_data_parallel_rank()
+    dp_group, dp_rank = gradient_groups_from_parallel_state().data, ps.get_data_parallel_rank()
     device = _setup_device(launch.local_rank)
     check_precision(cfg, device)
     rank0 = launch.rank == 0
@@ -146,9 +159,7 @@ def train(cfg: Config, run_dir: Path) -> int:
         run_micro_batches = PipelineSchedule(model, chunks, cfg, device, context)
     else:
         run_micro_batches = partial(forward_backward, model, cfg, device, context=context)
-    expert_params = {id(p) for p in split_expert_parameters(model)[1]}
-    expert_group = grad_groups.expert_data or dp_group
-    optimizer = ZeroAdamW(model, cfg, lambda p: expert_group if id(p) in expert_params else dp_group)
+    optimizer = build_optimizer(cfg, model, chunks, device, launch.world_size)
     loader = build_loader(
         cfg.data, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
         dp_rank=dp_rank, dp_size=dp_size, seed=t.seed,
@@ -159,6 +170,7 @@ def train(cfg: Config, run_dir: Path) -> int:
     resume_from = Path(cfg.checkpoint.load) if cfg.checkpoint.load else checkpointer.latest()
     if resume_from is not None:
         extra = checkpointer.load(resume_from, tensors, config_to_dict(cfg))
+        optimizer.loaded()
         state = TrainState(**extra["train_state"])
         if extra.get("data") is not None:
             loader.load_state_dict(extra["data"])
@@ -209,13 +221,11 @@ def train(cfg: Config, run_dir: Path) -> int:
         BalanceLossGrad.scale = 1.0 / n_micro
 
         losses = run_micro_batches(batches, n_micro, mtp_weight)  # total, lm, mtp, balance
-        reduce_gradients(model, grad_groups)
-        grad_norm = global_grad_norm(model, launch.world_size, cfg.parallel.pipeline)
+        grad_norm = optimizer.reduce_gradients()
         losses = _all_mean(losses, dp_group)
         finite = math.isfinite(grad_norm.item()) and math.isfinite(losses[0].item())
         if finite:
-            clip_gradients(model, grad_norm, t.grad_clip)
-            optimizer.step(lr)
+            optimizer.step(lr, grad_norm)
             state.consecutive_skips = 0
         else:
             state.skipped += 1

@@ -152,9 +152,12 @@ def all_reduce_embedding_grads(model: Transformer, cfg: Config) -> None:
     if cfg.parallel.pipeline == 1 or cfg.model.mtp_depth == 0 or model.embed is None:
         return
     weight = model.embed.weight
-    if weight.grad is None:
-        weight.grad = torch.zeros_like(weight)
-    dist.all_reduce(weight.grad, group=ps.get_embedding_group())
+    grad = getattr(weight, "main_grad", None)  # Megatron-Core's DDP accumulates there
+    if grad is None:
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        grad = weight.grad
+    dist.all_reduce(grad, group=ps.get_embedding_group())
 
 
 class PipelineSchedule:

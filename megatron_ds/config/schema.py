@@ -103,6 +103,9 @@ class TrainConfig:
     beta2: float = 0.95
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
+    # Gradient reduction + AdamW: megatron (Megatron-Core DDP + distributed optimizer, GPUs only),
+    # zero1 (ours: flat all-reduce + ZeRO-1 AdamW, any device), auto (megatron on GPUs, else zero1)
+    optimizer_impl: str = "auto"
     # MoE and MTP schedules
     bias_update_speed: float = 0.001  # gamma of the auxiliary-loss-free balance update
     bias_update_stop_tokens: float = 14.3e12  # gamma becomes 0 after this many tokens

@@ -136,6 +136,13 @@ def _parallel_errors(cfg) -> list[str]:
 def _precision_errors(cfg) -> list[str]:
     pr = cfg.precision
     errors = []
+    if cfg.train.optimizer_impl not in ("auto", "megatron", "zero1"):
+        errors.append(f"train.optimizer_impl={cfg.train.optimizer_impl!r}: choose auto, megatron or zero1")
+    elif cfg.train.optimizer_impl == "megatron" and pr.bf16_optimizer_moments:
+        errors.append(
+            "precision.bf16_optimizer_moments runs with our ZeRO-1 AdamW: set train.optimizer_impl=zero1 "
+            "(or auto)"
+        )
     if pr.params_dtype not in ("fp32", "bf16"):
         errors.append(f"precision.params_dtype={pr.params_dtype!r}: choose fp32 or bf16")
     if pr.linear_impl not in ("local", "te"):

@@ -1,0 +1,155 @@
+"""The GPU optimizer backend: Megatron-Core's DistributedDataParallel and distributed optimizer.
+
+Each model chunk is wrapped in Megatron-Core's DDP, which accumulates gradients into contiguous
+fp32 buffers and reduce-scatters them over the data-parallel ranks; its distributed optimizer
+(Adam from Transformer Engine or Apex when present: one fused kernel over many tensors) keeps fp32
+master weights and moments for this rank's 1/DP of every buffer and all-gathers the updated
+parameters. The model itself is unchanged: DDP only hooks its parameters.
+
+Megatron-Core's own rules then decide which gradients are reduced over which group: routed experts
+(marked `allreduce = False`) over the expert-data-parallel group, everything else over data
+parallel, both divided by the data-parallel size, exactly as the CPU backend
+(megatron_ds.optim.ZeroOneOptimizer) does.
+
+Checkpoints hold the same keys as the CPU backend's ("optim.<param>.exp_avg" etc.): each rank's
+state is a flat range of the parameter (checkpoint.sharding's flat ranges), so a checkpoint moves
+between the backends and between data-parallel sizes.
+"""
+
+import torch
+from torch import nn
+
+from megatron_ds.checkpoint.sharding import mark_flat_range
+from megatron_ds.config import Config
+from megatron_ds.optim import STAGE_COPIES_ATTR
+from parallel.data_parallel import split_expert_parameters
+
+_SLOTS = {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq", "param": "master"}  # Megatron -> checkpoint
+
+
+def _transformer_config(cfg: Config):
+    from megatron.core.transformer import TransformerConfig
+
+    m, p = cfg.model, cfg.parallel
+    dtype = torch.bfloat16 if cfg.precision.params_dtype == "bf16" else torch.float32
+    return TransformerConfig(
+        num_layers=m.n_layers,
+        hidden_size=m.dim,
+        num_attention_heads=m.n_heads,
+        tensor_model_parallel_size=p.tensor,
+        pipeline_model_parallel_size=p.pipeline,
+        expert_model_parallel_size=p.expert,
+        bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
+    )
+
+
+class MegatronOptimizer:
+    """Megatron-Core DDP + distributed optimizer behind the loop's optimizer interface."""
+
+    def __init__(self, model: nn.Module, chunks: list[nn.Module], cfg: Config):
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import ChainedOptimizer, OptimizerConfig, get_megatron_optimizer
+
+        t = cfg.train
+        if cfg.parallel.expert > 1:
+            for param in split_expert_parameters(model)[1]:
+                param.allreduce = False  # reduced over the expert-data-parallel group
+        embed = getattr(model, "embed", None)
+        last_stage_copy = embed is not None and getattr(embed.weight, STAGE_COPIES_ATTR, 1) > 1
+        if last_stage_copy and ps.get_pipeline_model_parallel_rank() > 0:
+            embed.weight.shared = True  # MTP's copy on the last stage: the first stage counts it in norms
+        config = _transformer_config(cfg)
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
+        self.chunks = [
+            DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=i > 0)
+            for i, chunk in enumerate(chunks)
+        ]
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=t.lr,
+                min_lr=t.min_lr,
+                weight_decay=t.weight_decay,
+                adam_beta1=t.beta1,
+                adam_beta2=t.beta2,
+                adam_eps=1e-8,
+                bf16=config.bf16,
+                params_dtype=config.params_dtype,
+                use_distributed_optimizer=True,
+                clip_grad=t.grad_clip,
+            ),
+            self.chunks,
+        )
+        self.parts = (
+            self.optimizer.chained_optimizers
+            if isinstance(self.optimizer, ChainedOptimizer)
+            else [self.optimizer]
+        )
+        self.grad_clip = t.grad_clip
+        self.step_count = torch.zeros((), dtype=torch.int64)
+        self._names = {param: name for name, param in model.named_parameters()}
+        self._state: dict[str, torch.Tensor] | None = None
+
+    def reduce_gradients(self) -> torch.Tensor:
+        """Reduce-scatter the step's gradients and return their global norm (a 0-d tensor)."""
+        for chunk in self.chunks:
+            chunk.finish_grad_sync()
+        self.optimizer.prepare_grads()
+        return torch.tensor(float(self.optimizer.get_grad_norm()))
+
+    @torch.no_grad()
+    def step(self, lr: float, grad_norm: torch.Tensor) -> None:
+        """Clip by the global norm, one AdamW step on this rank's shards, all-gather the parameters."""
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+        self.step_count += 1
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.grad_clip > 0:
+            for part in self.parts:
+                params = part.get_parameters()
+                if params:
+                    clip_grad_by_total_norm_fp32(params, self.grad_clip, float(grad_norm))
+        self.optimizer.step_with_ready_grads()
+
+    def zero_grad(self) -> None:
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """This rank's shards of the master weights and moments, in place, as checkpoint keys.
+
+        Creates the moments now (Adam would on its first step) so that a checkpoint can load into them.
+        """
+        if self._state is not None:
+            return self._state
+        state = {"optim.step": self.step_count}
+        for part in self.parts:
+            part.init_state_fn(part.optimizer, part.config)
+            for model_param in part.model_param_group_index_map:
+                name = self._names[model_param]
+                span = part._get_model_param_range_map(model_param)["param"]
+                for slot, tensor in part._get_main_param_and_optimizer_states(model_param).items():
+                    if slot not in _SLOTS or (slot == "param" and model_param.dtype == torch.float32):
+                        continue  # an fp32 parameter is its own master (it is saved as the model's)
+                    mark_flat_range(tensor, span.start, span.end, of=model_param)
+                    state[f"optim.{name}.{_SLOTS[slot]}"] = tensor
+        self._state = state
+        return state
+
+    def loaded(self) -> None:
+        """After a checkpoint load: Adam's step count (its bias correction) follows the checkpoint's."""
+        n = int(self.step_count)
+        for part in self.parts:
+            inner = part.optimizer
+            for group in inner.param_groups:
+                if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+                    for param in group["params"]:
+                        inner.state[param]["step"] = torch.tensor(float(n))
+                else:  # Transformer Engine's and Apex's FusedAdam count per group
+                    group["step"] = n
+                if n == 0:
+                    group.pop("step", None)
