@@ -1,5 +1,9 @@
 """Full training step (forward, backward, clip, AdamW) on one H200: ours vs Megatron-Core's GPTModel.
 
+Both models train through the same optimizer: Megatron-Core's DDP and distributed optimizer (fp32
+grad buffers, fp32 master weights and moments, Transformer Engine's FusedAdam), built by
+parallel.megatron_optimizer exactly as `mds train` builds it on GPUs.
+
     python benches/h200_train_step.py --presets dsv3-bench dsv3-slice --out $OUT
 
 Every configuration (system x preset x micro-batch x precision) runs in its own process: memory left
@@ -7,7 +11,8 @@ by one ~5B-parameter model runs the next out of memory. Sequence 4096, random to
 does not depend on the text), the same batches for both systems. Model TFLOP/s for BOTH systems
 come from megatron_ds.flops.training_flops_per_token (3 x forward matmul and attention FLOPs,
 no recomputation); MFU is against the 790 TFLOP/s bf16 matmul measured on this H200.
-Also records, for ours, the optimizer's share of the step (clip + AdamW + bias update).
+Also records the optimizer's share of the step (gradient reduction, clip, AdamW, and for ours the
+MoE bias update).
 """
 
 import argparse
@@ -22,7 +27,9 @@ from pathlib import Path
 PEAK_TFLOPS = 790.0
 
 
-def measure(system: str, preset: str, micro_batch: int, fp8: str, warmup: int, steps: int) -> dict:
+def measure(
+    system: str, preset: str, micro_batch: int, fp8: str, warmup: int, steps: int, profile: str = ""
+) -> dict:
     import torch
 
     from benches.h200_models import (
@@ -35,14 +42,14 @@ def measure(system: str, preset: str, micro_batch: int, fp8: str, warmup: int, s
     )
     from megatron_ds.flops import training_flops_per_token
     from megatron_ds.model.moe import update_expert_bias
-    from megatron_ds.optim import ZeroAdamW, clip_gradients, global_grad_norm
+    from parallel.megatron_optimizer import MegatronOptimizer
 
     init_single_process()
     torch.manual_seed(0)
     cfg = bench_config(preset, micro_batch, fp8)
     model = build_ours(cfg) if system == "ours" else build_mcore(cfg)
     loss_fn = ours_loss if system == "ours" else mcore_loss
-    optimizer = ZeroAdamW(model, cfg, lambda p: None)
+    optimizer = MegatronOptimizer(model, [model], cfg)
     n_params = sum(p.numel() for p in model.parameters())
     gen = torch.Generator(device="cuda").manual_seed(0)
     seq = cfg.train.seq_len
@@ -58,8 +65,7 @@ def measure(system: str, preset: str, micro_batch: int, fp8: str, warmup: int, s
         loss.backward()
         torch.cuda.synchronize()
         t1 = time.perf_counter()
-        clip_gradients(model, global_grad_norm(model, 1, 1), cfg.train.grad_clip)
-        optimizer.step(1e-4)
+        optimizer.step(1e-4, optimizer.reduce_gradients())
         optimizer.zero_grad()
         if system == "ours":
             update_expert_bias(model, cfg.train.bias_update_speed)
@@ -69,6 +75,18 @@ def measure(system: str, preset: str, micro_batch: int, fp8: str, warmup: int, s
         if i >= warmup:
             step_s.append(t2 - t0)
             opt_s.append(t2 - t1)
+    if profile:  # one more step under torch.profiler: the kernels that take the GPU's time
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as profiler
+
+        with profiler(activities=[ProfilerActivity.CUDA]) as prof:
+            loss_fn(model, cfg, batches[0]).backward()
+            optimizer.step(1e-4, optimizer.reduce_gradients())
+            optimizer.zero_grad()
+            torch.cuda.synchronize()
+        kernels = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+        with open(profile, "a") as f:
+            f.write(f"\n## {system} {preset} mb{micro_batch} {fp8}\n{kernels}\n")
     tokens = micro_batch * seq
     seconds = statistics.median(step_s)
     tflops = training_flops_per_token(cfg.model, seq) * tokens / seconds / 1e12
@@ -92,6 +110,8 @@ def run_all(args) -> list[dict]:
                 for system in args.systems:
                     cmd = [sys.executable, __file__, "--one", system, preset, str(micro_batch), fp8,
                            "--warmup", str(args.warmup), "--steps", str(args.steps)]  # fmt: skip
+                    if args.profile:
+                        cmd += ["--profile-file", str(out / "h200_train_step_profiles.txt")]
                     start = time.perf_counter()
                     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
                     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -140,11 +160,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--timeout", type=int, default=150)
+    parser.add_argument("--profile", action="store_true", help="also take a kernel table of one step each")
+    parser.add_argument("--profile-file", default="", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=os.environ.get("OUT", "runs/h200"))
     args = parser.parse_args()
     if args.one:
         system, preset, micro_batch, fp8 = args.one
-        print("RESULT " + json.dumps(measure(system, preset, int(micro_batch), fp8, args.warmup, args.steps)))
+        result = measure(system, preset, int(micro_batch), fp8, args.warmup, args.steps, args.profile_file)
+        print("RESULT " + json.dumps(result))
         return
     results = run_all(args)
     text = table(results)

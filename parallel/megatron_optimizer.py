@@ -87,6 +87,8 @@ class MegatronOptimizer:
             if isinstance(self.optimizer, ChainedOptimizer)
             else [self.optimizer]
         )
+        for group in self.optimizer.param_groups:  # no decay on norms (wd_mult 0), as Megatron's scheduler
+            group["weight_decay"] = t.weight_decay * group.get("wd_mult", 1.0)
         self.grad_clip = t.grad_clip
         self.step_count = torch.zeros((), dtype=torch.int64)
         self._names = {param: name for name, param in model.named_parameters()}
@@ -151,5 +153,3 @@ class MegatronOptimizer:
                         inner.state[param]["step"] = torch.tensor(float(n))
                 else:  # Transformer Engine's and Apex's FusedAdam count per group
                     group["step"] = n
-                if n == 0:
-                    group.pop("step", None)

@@ -52,9 +52,9 @@ def test_checkpoints_move_between_backends(reference, train_dataset, tmp_path, f
 
 
 @two_gpus
-@pytest.mark.parametrize("layout", ["parallel.expert=1", "parallel.expert=2"])
+@pytest.mark.parametrize("layout", ["parallel.expert=1", "parallel.expert=2", "parallel.pipeline=2"])
 def test_two_gpus_match_one(reference, train_dataset, tmp_path, layout):
-    """DP=2 (and EP=2 x DP=2): Megatron-Core reduce-scatters, the optimizer works on halves."""
+    """DP=2, EP=2 x DP=2 (Megatron-Core reduce-scatters, the optimizer works on halves) and PP=2."""
     assert_close(train(tmp_path, train_dataset, "megatron", layout, nproc=2), reference)
 
 
