@@ -3,6 +3,7 @@
 For each mode it times forward + backward of the whole MoE layer and of its parts measured alone
 (router, expert GEMMs on the rows this rank receives, shared expert); the dispatcher's own cost is
 what the layer takes beyond its parts: permute, count exchange, all-to-alls, un-permute, combine.
+`permute` times the home-side permutation alone: gather_copies then weighted_combine, fwd + bwd.
 
   local     LocalDispatcher, all experts in one process (the reference)
   a2a       AllToAllDispatcher over --world ranks (1: a single-rank group, so pure index overhead)
@@ -24,6 +25,7 @@ from timing import median_ms
 
 from megatron_ds.config.load import load_config
 from megatron_ds.model.moe import LocalDispatcher, MoE
+from megatron_ds.model.permutation import gather_copies, sort_copies, weighted_combine
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.launcher import free_port
 
@@ -57,8 +59,9 @@ def measure(args, device: torch.device, world: int) -> dict:
 
     flat = x.detach().view(-1, cfg.model.dim)
     weights, indices, _ = moe.gate(flat, args.tokens)
+    order, inverse = sort_copies(indices)
     if isinstance(moe.dispatcher, LocalDispatcher):
-        rows = flat[indices.flatten().argsort(stable=True) // indices.size(1)]
+        rows = gather_copies(flat, order, inverse)
         counts = torch.bincount(indices.flatten(), minlength=moe.experts.n_local_experts)
     else:
         rows, counts, _ = moe.dispatcher.dispatch(flat, indices)
@@ -76,8 +79,17 @@ def measure(args, device: torch.device, world: int) -> dict:
         w, _, loss = moe.gate(flat.requires_grad_(), args.tokens)
         (w.float().sum() + loss).backward()
 
+    tokens, routing_weights = flat.clone().requires_grad_(), weights.detach().requires_grad_()
+    grad_out = torch.randn_like(flat)
+
+    def permute():
+        tokens.grad = routing_weights.grad = None  # time the permutation's kernels, not grad accumulation
+        rows = gather_copies(tokens, order, inverse)
+        weighted_combine(rows, order, inverse, routing_weights).backward(grad_out)
+
     times = {name: median_ms(fn, device, args.warmup, args.iters) for name, fn in
-             [("layer", layer), ("gate", gate), ("experts", experts), ("shared", shared)]}  # fmt: skip
+             [("layer", layer), ("gate", gate), ("experts", experts), ("shared", shared),
+              ("permute", permute)]}  # fmt: skip
     times["dispatch"] = times["layer"] - times["gate"] - times["experts"] - times["shared"]
     times["rows_received"] = int(counts.sum())
     return times
@@ -132,13 +144,13 @@ def main(argv=None):
     print(
         f"preset {args.preset}, {args.tokens} tokens/rank, {args.dtype} on {args.device}; ms, fwd+bwd, median"
     )
-    header = ("mode", "EP", "layer", "gate", "experts", "shared", "dispatch", "share")
-    print("{:6} {:>3} {:>9} {:>8} {:>8} {:>8} {:>9} {:>6}".format(*header))
+    header = ("mode", "EP", "layer", "gate", "experts", "shared", "dispatch", "share", "permute")
+    print("{:6} {:>3} {:>9} {:>8} {:>8} {:>8} {:>9} {:>6} {:>8}".format(*header))
     for r in rows:
         share = 100 * r["dispatch"] / r["layer"]
         print(
             f"{r['mode']:6} {r['ep']:>3} {r['layer']:9.2f} {r['gate']:8.2f} {r['experts']:8.2f} "
-            f"{r['shared']:8.2f} {r['dispatch']:9.2f} {share:5.1f}%"
+            f"{r['shared']:8.2f} {r['dispatch']:9.2f} {share:5.1f}% {r['permute']:8.2f}"
         )
     if args.json:
         with open(args.json, "w") as f:

@@ -3,13 +3,13 @@
 The routed experts of a MoE layer are split evenly over the expert-parallel (EP) group; EP rank p
 holds global experts [p L, (p + 1) L). For each layer's forward:
 
-1. permute: copy each token once per chosen expert and sort the copies by expert id, which sorts
-   them by destination rank too;
+1. permute: gather each token once per chosen expert, sorted by expert id and so by destination
+   rank too (megatron_ds.model.permutation: gathers only, fused on GPU);
 2. exchange the per-expert counts, so every rank knows how many rows it will receive;
 3. dispatch: one `all_to_all_single` with uneven splits moves the copies to their experts;
 4. run the local experts as one grouped computation on the rows sorted by local expert;
-5. combine: the reverse all-to-all brings the outputs home, where they are un-permuted and summed
-   with the routing weights (report section 2.1.2, eq. 12).
+5. combine: the reverse all-to-all brings the outputs home, where each token gathers its K rows
+   and sums them with the routing weights (report section 2.1.2, eq. 12) in one pass.
 
 All data movement is index arithmetic or an autograd-aware all-to-all, so gradients are exact and
 no token is ever dropped; experts that receive nothing run an empty GEMM.
@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from megatron_ds.model.permutation import gather_copies, sort_copies, weighted_combine
 
 FP8_TILE = 128
 
@@ -125,7 +127,8 @@ def dequantize_fp8_tiles(payload: torch.Tensor, scales: torch.Tensor) -> torch.T
 
 class Permute(torch.autograd.Function):
     """rows[perm] for a permutation: the backward scatters without accumulating (index_put with
-    accumulation, the backward of plain indexing, is several times slower on CPU)."""
+    accumulation, the backward of plain indexing, is several times slower on CPU). Re-sorts the
+    received rows, whose count varies from step to step."""
 
     @staticmethod
     def forward(ctx, x, perm):
@@ -211,6 +214,7 @@ class RoutePlan:
     """Where every (token, expert) copy goes and how it comes back, for one forward."""
 
     order: torch.Tensor  # copies (flat token * K + slot) sorted by global expert
+    inverse: torch.Tensor  # [tokens, K]: sorted position of each copy
     send_splits: list[int]  # rows to each EP rank
     recv_splits: list[int]  # rows from each EP rank
     local_order: torch.Tensor | None  # received rows sorted by local expert (None: already are)
@@ -277,6 +281,7 @@ class AllToAllDispatcher:
     def plan(self, indices: torch.Tensor) -> RoutePlan:
         """Sort the copies by expert and exchange the counts (a small all-to-all, one host sync)."""
         flat = indices.flatten()
+        order, inverse = sort_copies(indices)
         send_counts = torch.bincount(flat, minlength=self.n_experts).view(self.size, self.n_local)
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
@@ -288,12 +293,11 @@ class AllToAllDispatcher:
             local_expert = torch.arange(self.n_local, device=flat.device).repeat(self.size)
             row_expert = local_expert.repeat_interleave(recv_counts.flatten(), output_size=sum(recv_splits))
             local_order = row_expert.argsort(stable=True)
-        return RoutePlan(flat.argsort(stable=True), send_splits, recv_splits, local_order, recv_counts.sum(0))
+        return RoutePlan(order, inverse, send_splits, recv_splits, local_order, recv_counts.sum(0))
 
     def start_dispatch(self, x, plan: RoutePlan, flight: InFlight) -> torch.Tensor:
         """Launch the token all-to-all; the result is valid after AllToAllWait.apply(result, flight)."""
-        k = plan.order.numel() // max(x.size(0), 1)
-        copies = Permute.apply(x.unsqueeze(1).expand(-1, k, -1).reshape(-1, x.size(-1)), plan.order)
+        copies = gather_copies(x, plan.order, plan.inverse)
         out = AllToAllStart.apply(
             copies, plan.send_splits, plan.recv_splits, self.group, flight, self._fp8(x)
         )
@@ -310,11 +314,10 @@ class AllToAllDispatcher:
         return self._by_local_expert(received, plan), plan.local_counts, plan
 
     def combine(self, expert_out, weights, plan: RoutePlan) -> torch.Tensor:
-        """Send expert outputs home, un-permute them and sum each token's K outputs by its weights."""
+        """Send expert outputs home and sum each token's K outputs by its weights."""
         by_source = expert_out if plan.local_order is None else Unpermute.apply(expert_out, plan.local_order)
         returned = AllToAll.apply(by_source, plan.recv_splits, plan.send_splits, self.group)
-        copies = Unpermute.apply(returned, plan.order)
-        return (copies.view(*weights.shape, copies.size(-1)) * weights.unsqueeze(-1)).sum(1)
+        return weighted_combine(returned, plan.order, plan.inverse, weights)
 
     @staticmethod
     def _by_local_expert(received, plan: RoutePlan) -> torch.Tensor:

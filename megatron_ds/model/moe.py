@@ -13,6 +13,7 @@ from torch import nn
 
 from megatron_ds.config import ModelConfig
 from megatron_ds.model.norm import MLP
+from megatron_ds.model.permutation import gather_copies, sort_copies, weighted_combine
 
 
 def limit_to_blocks(scores: torch.Tensor, n_blocks: int, n_keep: int, top_per_block: int) -> torch.Tensor:
@@ -108,13 +109,10 @@ class LocalDispatcher:
     """All routed experts live in this process: sort tokens by expert, run, weight and sum back."""
 
     def __call__(self, x, weights, indices, experts: GroupedExperts, shared_experts: nn.Module | None):
-        n_tokens, k = indices.shape
-        flat = indices.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=experts.n_local_experts)
-        routed = experts(x[order // k], counts)
-        unsorted = torch.empty_like(routed).index_copy_(0, order, routed)
-        out = (unsorted.view(n_tokens, k, -1) * weights.unsqueeze(-1)).sum(1)
+        order, inverse = sort_copies(indices)
+        counts = torch.bincount(indices.flatten(), minlength=experts.n_local_experts)
+        routed = experts(gather_copies(x, order, inverse), counts)
+        out = weighted_combine(routed, order, inverse, weights)
         return out if shared_experts is None else out + shared_experts(x)
 
 
