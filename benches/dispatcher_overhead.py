@@ -4,6 +4,8 @@ For each mode it times forward + backward of the whole MoE layer and of its part
 (router, expert GEMMs on the rows this rank receives, shared expert); the dispatcher's own cost is
 what the layer takes beyond its parts: permute, count exchange, all-to-alls, un-permute, combine.
 `permute` times the home-side permutation alone: gather_copies then weighted_combine, fwd + bwd.
+On a GPU each figure is the time per call of calls queued back to back (CUDA events), so host
+launch overhead overlaps the GPU's work as it does in training; on a CPU, the median call.
 
   local     LocalDispatcher, all experts in one process (the reference)
   a2a       AllToAllDispatcher over --world ranks (1: a single-rank group, so pure index overhead)
@@ -21,7 +23,7 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from timing import median_ms
+from timing import per_call_ms
 
 from megatron_ds.config.load import load_config
 from megatron_ds.model.moe import LocalDispatcher, MoE
@@ -87,7 +89,7 @@ def measure(args, device: torch.device, world: int) -> dict:
         rows = gather_copies(tokens, order, inverse)
         weighted_combine(rows, order, inverse, routing_weights).backward(grad_out)
 
-    times = {name: median_ms(fn, device, args.warmup, args.iters) for name, fn in
+    times = {name: per_call_ms(fn, device, args.warmup, args.iters) for name, fn in
              [("layer", layer), ("gate", gate), ("experts", experts), ("shared", shared),
               ("permute", permute)]}  # fmt: skip
     times["dispatch"] = times["layer"] - times["gate"] - times["experts"] - times["shared"]
