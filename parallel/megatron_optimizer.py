@@ -24,23 +24,24 @@ from megatron_ds.config import Config
 from megatron_ds.optim import STAGE_COPIES_ATTR
 from parallel.data_parallel import split_expert_parameters
 
-_SLOTS = {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq", "param": "master"}  # Megatron -> checkpoint
-
 
 def _transformer_config(cfg: Config):
     from megatron.core.transformer import TransformerConfig
 
     m, p = cfg.model, cfg.parallel
     dtype = torch.bfloat16 if cfg.precision.params_dtype == "bf16" else torch.float32
-    return TransformerConfig(
+    return TransformerConfig(  # DDP reads only the layout and dtypes; the model is ours
         num_layers=m.n_layers,
         hidden_size=m.dim,
         num_attention_heads=m.n_heads,
+        num_moe_experts=m.n_routed_experts,
+        moe_ffn_hidden_size=m.moe_inter_dim,
         tensor_model_parallel_size=p.tensor,
         pipeline_model_parallel_size=p.pipeline,
         expert_model_parallel_size=p.expert,
         bf16=dtype == torch.bfloat16,
         params_dtype=dtype,
+        pipeline_dtype=dtype,
     )
 
 
@@ -125,20 +126,27 @@ class MegatronOptimizer:
         """This rank's shards of the master weights and moments, in place, as checkpoint keys.
 
         Creates the moments now (Adam would on its first step) so that a checkpoint can load into them.
+        Model and main parameters are paired through the optimizer's per-dtype groups: Megatron-Core
+        0.16's own lookup (group index, order) assumes groups of one dtype, and our router is fp32.
         """
         if self._state is not None:
             return self._state
         state = {"optim.step": self.step_count}
         for part in self.parts:
             part.init_state_fn(part.optimizer, part.config)
-            for model_param in part.model_param_group_index_map:
-                name = self._names[model_param]
-                span = part._get_model_param_range_map(model_param)["param"]
-                for slot, tensor in part._get_main_param_and_optimizer_states(model_param).items():
-                    if slot not in _SLOTS or (slot == "param" and model_param.dtype == torch.float32):
-                        continue  # an fp32 parameter is its own master (it is saved as the model's)
-                    mark_flat_range(tensor, span.start, span.end, of=model_param)
-                    state[f"optim.{name}.{_SLOTS[slot]}"] = tensor
+            pairs = [*zip(part.model_float16_groups, part.shard_fp32_from_float16_groups),
+                     *zip(part.model_fp32_groups, part.shard_fp32_groups)]  # fmt: skip
+            for model_group, main_group in pairs:
+                for model_param, main_param in zip(model_group, main_group):
+                    name = self._names[model_param]
+                    span = part._get_model_param_range_map(model_param)["param"]
+                    moments = part.optimizer.state[main_param]
+                    slots = {"exp_avg": moments["exp_avg"], "exp_avg_sq": moments["exp_avg_sq"]}
+                    if model_param.dtype != torch.float32:  # an fp32 parameter is its own master
+                        slots["master"] = main_param
+                    for slot, tensor in slots.items():
+                        mark_flat_range(tensor, span.start, span.end, of=model_param)
+                        state[f"optim.{name}.{slot}"] = tensor
         self._state = state
         return state
 

@@ -62,3 +62,14 @@ def test_two_gpus_match_one(reference, train_dataset, tmp_path, layout):
 def test_two_gpu_checkpoint_resumes_on_one(reference, train_dataset, tmp_path):
     train(tmp_path, train_dataset, "megatron", f"train.steps={STEPS // 2}", nproc=2)
     assert_close(train(tmp_path, train_dataset, "megatron"), reference)
+
+
+def test_bf16_checkpoint_moves_between_backends(train_dataset, tmp_path):
+    """A bf16 model (its router fp32) saved by the Megatron backend resumes under ours, on course."""
+    bf16 = "precision.params_dtype=bf16"
+    reference = train(tmp_path / "zero1", train_dataset, "zero1", bf16)
+    train(tmp_path / "switched", train_dataset, "megatron", bf16, f"train.steps={STEPS // 2}")
+    curve = train(tmp_path / "switched", train_dataset, "zero1", bf16)
+    assert sorted(curve) == sorted(reference)
+    worst = max(abs(curve[s] - reference[s]) / reference[s] for s in reference)
+    assert worst < 1e-2, f"bf16 curves differ by {worst:.2%}: {curve} vs {reference}"
