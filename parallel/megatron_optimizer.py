@@ -148,6 +148,7 @@ class MegatronOptimizer:
                         mark_flat_range(tensor, span.start, span.end, of=model_param)
                         state[f"optim.{name}.{slot}"] = tensor
         self._state = state
+        self.loaded()  # torch's AdamW (the fallback without TE or Apex) wants a step beside its moments
         return state
 
     def loaded(self) -> None:
