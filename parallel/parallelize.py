@@ -64,4 +64,8 @@ def build_model(
     for gate in moe_gates(model).values():
         gate.float()  # the router stays in fp32 (report section 3.3)
     init_weights(model, cfg.train.seed, cfg.model.init_std)
+    if cfg.train.recompute:
+        from parallel.recompute import apply_recompute
+
+        apply_recompute(model, cfg.train.recompute)
     return model

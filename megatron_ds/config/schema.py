@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from data_pipeline.config import DataConfig
 
+RECOMPUTE_REGIONS = ("norm", "mla_up_proj", "swiglu")
+
 
 @dataclass
 class ModelConfig:
@@ -116,6 +118,8 @@ class TrainConfig:
     max_consecutive_skips: int = 5  # NaN/Inf steps in a row before the run saves and stops
     seed: int = 1234
     deterministic: bool = False  # deterministic kernels and fp32 everywhere (tests, debugging)
+    # Selective recomputation (report section 3.2.3): any of RECOMPUTE_REGIONS (parallel/recompute.py)
+    recompute: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -6,6 +6,8 @@ so a 64-node job fails on the login node rather than ten minutes into start-up.
 
 import math
 
+from megatron_ds.config.schema import RECOMPUTE_REGIONS
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message says which field and how to fix it."""
@@ -136,6 +138,15 @@ def _parallel_errors(cfg) -> list[str]:
 def _precision_errors(cfg) -> list[str]:
     pr = cfg.precision
     errors = []
+    unknown = sorted(set(cfg.train.recompute) - set(RECOMPUTE_REGIONS))
+    if unknown:
+        choices = ", ".join(RECOMPUTE_REGIONS)
+        errors.append(f"train.recompute names unknown regions {unknown}: choose from {choices}")
+    elif cfg.train.recompute and pr.linear_impl == "te":
+        errors.append(
+            "train.recompute wraps the local backend's modules; with precision.linear_impl=te set "
+            "train.recompute=[] (or use precision.linear_impl=local)"
+        )
     if cfg.train.optimizer_impl not in ("auto", "megatron", "zero1"):
         errors.append(f"train.optimizer_impl={cfg.train.optimizer_impl!r}: choose auto, megatron or zero1")
     elif cfg.train.optimizer_impl == "megatron" and pr.bf16_optimizer_moments:

@@ -38,14 +38,14 @@ class MLA(nn.Module):
     def forward(self, x: torch.Tensor, rope, attn_mask: torch.Tensor | None) -> torch.Tensor:
         a = self.args
         bsz, seqlen, _ = x.shape
-        q = self.wq(x) if a.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = self.wq(x) if a.q_lora_rank == 0 else self.q_up(self.wq_a(x))
         q = q.view(bsz, seqlen, -1, a.qk_head_dim)
         q_nope, q_rope = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
         q = torch.cat([q_nope, apply_rotary(q_rope, rope)], dim=-1)
 
         kv, k_rope = self.wkv_a(x).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
         k_rope = apply_rotary(k_rope.unsqueeze(2), rope)
-        kv = self.wkv_b(self.kv_norm(kv)).view(bsz, seqlen, -1, a.qk_nope_head_dim + a.v_head_dim)
+        kv = self.kv_up(kv).view(bsz, seqlen, -1, a.qk_nope_head_dim + a.v_head_dim)
         k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(-1, -1, k_nope.size(2), -1)], dim=-1)
 
@@ -58,6 +58,13 @@ class MLA(nn.Module):
             scale=self.softmax_scale,
         )
         return self.wo(out.transpose(1, 2).flatten(2))
+
+    # The up-projections of the latents, which selective recomputation may replay (report 3.2.3).
+    def q_up(self, c_q: torch.Tensor) -> torch.Tensor:
+        return self.wq_b(self.q_norm(c_q))
+
+    def kv_up(self, c_kv: torch.Tensor) -> torch.Tensor:
+        return self.wkv_b(self.kv_norm(c_kv))
 
 
 def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:

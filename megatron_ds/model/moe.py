@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_ds.config import ModelConfig
-from megatron_ds.model.norm import MLP
+from megatron_ds.model.norm import MLP, swiglu
 from megatron_ds.model.permutation import gather_copies, sort_copies, weighted_combine
 
 
@@ -94,15 +94,19 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x holds tokens sorted by local expert; counts[e] of them belong to expert e."""
-        if x.is_cuda and x.dtype == torch.bfloat16:
-            offsets = counts.cumsum(0).to(torch.int32)
-            gate = torch._grouped_mm(x, self.w1, offs=offsets)
-            up = torch._grouped_mm(x, self.w3, offs=offsets)
-            return torch._grouped_mm(F.silu(gate) * up, self.w2, offs=offsets)
-        outputs = []
-        for e, chunk in enumerate(x.split(counts.tolist())):
-            outputs.append((F.silu(chunk @ self.w1[e]) * (chunk @ self.w3[e])) @ self.w2[e])
-        return torch.cat(outputs) if outputs else x[:0]
+        return self.down(_grouped_mm(x, self.w1, counts), _grouped_mm(x, self.w3, counts), counts)
+
+    def down(self, gate: torch.Tensor, up: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """w2(SwiGLU) per expert: the part selective recomputation may replay in the backward."""
+        return _grouped_mm(swiglu(gate, up), self.w2, counts)
+
+
+def _grouped_mm(x: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of expert e (counts[e] of them, in order) times weights[e]: one grouped GEMM on GPU."""
+    if x.is_cuda and x.dtype == torch.bfloat16:
+        return torch._grouped_mm(x, weights, offs=counts.cumsum(0).to(torch.int32))
+    chunks = x.split(counts.tolist())
+    return torch.cat([chunk @ weights[e] for e, chunk in enumerate(chunks)]) if chunks else x[:0]
 
 
 class LocalDispatcher:

@@ -17,6 +17,10 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
 
 
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
 class MLP(nn.Module):
     """SwiGLU FFN: w2(silu(w1 x) * w3 x). Used for dense layers and the shared experts."""
 
@@ -27,4 +31,8 @@ class MLP(nn.Module):
         self.w2 = nn.Linear(inter_dim, dim, bias=False)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.down(self.w1(x), self.w3(x))
+
+    def down(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """w2(SwiGLU): the part selective recomputation may replay in the backward (report 3.3.4)."""
+        return self.w2(swiglu(gate, up))

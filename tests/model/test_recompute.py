@@ -1,0 +1,49 @@
+"""Selective recomputation: the same loss and gradients, fewer activations kept for the backward."""
+
+import pytest
+import torch
+
+from megatron_ds.config import ConfigError, load_config
+from parallel.parallelize import ModelGroups, build_model
+from parallel.recompute import REGIONS, bytes_kept_for_backward
+
+
+def tiny(*regions: str):
+    listed = ",".join(regions)
+    return load_config("tiny", overrides=["precision.params_dtype=fp32", f"train.recompute=[{listed}]"])
+
+
+def kept_bytes_and_grads(regions: tuple[str, ...]):
+    """Bytes autograd keeps for the backward, the loss and the gradients."""
+    model = build_model(tiny(*regions), "cpu", ModelGroups())
+    tokens = torch.randint(0, model.args.vocab_size, (2, 65), generator=torch.Generator().manual_seed(0))
+    outputs = []
+    forward = lambda: outputs.append(model(tokens[:, :-1], labels=tokens[:, 1:]))  # noqa: E731
+    kept = bytes_kept_for_backward(forward, model.parameters())
+    loss = outputs[0].lm_loss + 0.3 * outputs[0].mtp_loss
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    return kept, loss.detach(), grads
+
+
+@pytest.fixture(scope="module")
+def baseline():
+    return kept_bytes_and_grads(())
+
+
+@pytest.mark.parametrize("regions", [(name,) for name in REGIONS] + [tuple(REGIONS)])
+def test_recompute_keeps_less_and_changes_nothing(baseline, regions):
+    base_bytes, base_loss, base_grads = baseline
+    kept, loss, grads = kept_bytes_and_grads(regions)
+    assert kept < base_bytes, f"{regions}: {kept} bytes kept, {base_bytes} without recomputation"
+    assert torch.equal(loss, base_loss)
+    assert grads.keys() == base_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, base_grads[name], rtol=0, atol=0, msg=name)
+
+
+def test_recompute_config_is_checked():
+    with pytest.raises(ConfigError, match="unknown regions"):
+        tiny("attention")
+    with pytest.raises(ConfigError, match="linear_impl=te"):
+        load_config("tiny", overrides=["train.recompute=[norm]", "precision.linear_impl=te"])
