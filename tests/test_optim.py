@@ -41,3 +41,21 @@ def test_zero_adamw_matches_torch_adamw(moments):
         # fp32 moments agree to 0.1%, bf16 moments (rounded by design) to 5%.
         tolerance = 1e-3 if moments == "fp32" else 0.05
         assert ((a - b).norm() / (b - b0).norm()).item() < tolerance, name
+
+
+def test_the_backend_follows_optimizer_impl_and_the_device():
+    from megatron_ds.config import ConfigError
+    from megatron_ds.optim import ZeroOneOptimizer
+    from megatron_ds.train import build_optimizer
+
+    cfg = load_config("tiny", overrides=["model.n_layers=2"])
+    model = build_model(cfg, "cpu")
+    assert isinstance(build_optimizer(cfg, model, [model], torch.device("cpu"), 1), ZeroOneOptimizer)
+    megatron = load_config("tiny", overrides=["model.n_layers=2", "train.optimizer_impl=megatron"])
+    with pytest.raises(ConfigError, match="train.optimizer_impl=zero1"):
+        build_optimizer(megatron, model, [model], torch.device("cpu"), 1)
+    with pytest.raises(ConfigError, match="bf16_optimizer_moments"):
+        moments = "precision.bf16_optimizer_moments=true"
+        load_config("tiny", overrides=["train.optimizer_impl=megatron", moments])
+    with pytest.raises(ConfigError, match="optimizer_impl='adam'"):
+        load_config("tiny", overrides=["train.optimizer_impl=adam"])
