@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 from timing import per_call_ms
 
 from megatron_ds.config.load import load_config
-from megatron_ds.model.moe import LocalDispatcher, MoE
+from megatron_ds.model.moe import LocalDispatcher, MoE, tokens_per_expert
 from megatron_ds.model.permutation import gather_copies, sort_copies, weighted_combine
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.launcher import free_port
@@ -64,7 +64,7 @@ def measure(args, device: torch.device, world: int) -> dict:
     order, inverse = sort_copies(indices)
     if isinstance(moe.dispatcher, LocalDispatcher):
         rows = gather_copies(flat, order, inverse)
-        counts = torch.bincount(indices.flatten(), minlength=moe.experts.n_local_experts)
+        counts = tokens_per_expert(indices, moe.experts.n_local_experts)
     else:
         rows, counts, _ = moe.dispatcher.dispatch(flat, indices)
     rows = rows.detach().requires_grad_()

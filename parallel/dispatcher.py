@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron_ds.model.moe import tokens_per_expert
 from megatron_ds.model.permutation import gather_copies, sort_copies, weighted_combine
 
 FP8_TILE = 128
@@ -282,7 +283,7 @@ class AllToAllDispatcher:
         """Sort the copies by expert and exchange the counts (a small all-to-all, one host sync)."""
         flat = indices.flatten()
         order, inverse = sort_copies(indices)
-        send_counts = torch.bincount(flat, minlength=self.n_experts).view(self.size, self.n_local)
+        send_counts = tokens_per_expert(flat, self.n_experts).view(self.size, self.n_local)
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
         splits = torch.cat([send_counts.sum(1), recv_counts.sum(1)]).tolist()

@@ -31,6 +31,15 @@ def limit_to_blocks(scores: torch.Tensor, n_blocks: int, n_keep: int, top_per_bl
     return blocks.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(-2)
 
 
+def tokens_per_expert(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """How many token copies each expert receives. A scatter-add: on a GPU, bincount would read the
+    largest index back to the host, a synchronisation in every MoE layer."""
+    flat = indices.flatten()
+    return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat)
+    )
+
+
 class Gate(nn.Module):
     """The router: sigmoid affinities, node- and group-limited top-K, bias-steered selection."""
 
@@ -61,7 +70,7 @@ class Gate(nn.Module):
         weights = weights / weights.sum(-1, keepdim=True) * a.route_scale
 
         with torch.no_grad():
-            self.expert_load += torch.bincount(indices.flatten(), minlength=a.n_routed_experts).float()
+            self.expert_load += tokens_per_expert(indices, a.n_routed_experts)
         balance_loss = self.sequence_balance_loss(scores, indices, seq_len)
         self.balance_loss_sum += balance_loss.detach()
         return weights.type_as(x), indices, balance_loss
@@ -114,7 +123,7 @@ class LocalDispatcher:
 
     def __call__(self, x, weights, indices, experts: GroupedExperts, shared_experts: nn.Module | None):
         order, inverse = sort_copies(indices)
-        counts = torch.bincount(indices.flatten(), minlength=experts.n_local_experts)
+        counts = tokens_per_expert(indices, experts.n_local_experts)
         routed = experts(gather_copies(x, order, inverse), counts)
         out = weighted_combine(routed, order, inverse, weights)
         return out if shared_experts is None else out + shared_experts(x)

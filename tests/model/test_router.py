@@ -12,7 +12,7 @@ import torch
 from model_testing import small_config
 
 from megatron_ds.model.init import init_weights
-from megatron_ds.model.moe import Gate, MoE, update_expert_bias
+from megatron_ds.model.moe import Gate, MoE, tokens_per_expert, update_expert_bias
 
 # (experts, K, groups, groups kept, nodes, nodes kept): DeepSeek-V3's shape scaled down (groups = nodes),
 # groups inside nodes, nodes inside groups, and the group limit alone.
@@ -135,3 +135,12 @@ def test_sequence_balance_loss_value_and_gradient():
     out = moe(x)
     (out * 0).sum().backward()
     torch.testing.assert_close(gate.weight.grad, weight.grad)
+
+
+def test_tokens_per_expert_counts_like_bincount():
+    gen = torch.Generator().manual_seed(0)
+    for n_experts in (1, 5, 64):
+        indices = torch.randint(0, n_experts, (37, min(8, n_experts)), generator=gen)
+        want = torch.bincount(indices.flatten(), minlength=n_experts)
+        assert torch.equal(tokens_per_expert(indices, n_experts), want)
+    assert tokens_per_expert(torch.empty(0, 8, dtype=torch.long), 4).tolist() == [0, 0, 0, 0]
