@@ -78,7 +78,8 @@ def pad_groups(x: torch.Tensor, counts: torch.Tensor, splits: list[int], align: 
     padded = [-(-c // align) * align for c in splits]
     if padded == splits:
         return x, splits, None
-    shift = torch.tensor(padded, device=x.device).cumsum(0) - counts.cumsum(0)  # rows added before e+1
+    # Rows added before expert e+1, from the device counts (a host list would be another H2D wait).
+    shift = ((counts + align - 1) // align * align - counts).cumsum(0)
     shift = torch.cat([shift.new_zeros(1), shift[:-1]])
     expert = torch.repeat_interleave(
         torch.arange(len(splits), device=x.device), counts, output_size=x.size(0)
