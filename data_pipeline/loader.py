@@ -97,7 +97,9 @@ class StatefulLoader:
     def __iter__(self) -> Iterator[dict]:
         position = self.start + self.consumed * self.dp_size
         dataset = StreamDataset(self.plan, position, self.dp_rank, self.dp_size, dict(self.streams))
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
+        loader = DataLoader(  # pinned batches copy to the GPU without stopping the host
+            dataset, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available()
+        )
         for item in loader:
             self.streams[item.pop("stream")] = json.loads(item.pop("state"))
             self.consumed += 1

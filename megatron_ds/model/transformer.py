@@ -87,6 +87,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.head = OutputHead(args.dim, args.vocab_size)
         self.mtp = nn.ModuleList(MTPModule(args.n_layers + k, args) for k in range(args.mtp_depth))
+        self._rope_tables: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(
         self,
@@ -101,7 +102,7 @@ class Transformer(nn.Module):
         Returns hidden states on a non-final stage; logits when no labels are given; else a LossOutput.
         """
         h = inputs if inputs.is_floating_point() else self.embed(inputs)
-        rope = rotary_table(self.args, h.size(1), h.device)
+        rope = self.rope(h.size(1), h.device)
         attn_mask = None if doc_ids is None else document_causal_mask(doc_ids)
         for layer in self.layers.values():
             h = layer(h, rope, attn_mask)
@@ -125,6 +126,13 @@ class Transformer(nn.Module):
             mtp_losses.append(self._masked_mean(self.head.token_loss(mtp_logits, targets), valid))
         mtp_loss = torch.stack(mtp_losses).mean() if mtp_losses else lm_loss.new_zeros(())
         return LossOutput(lm_loss, mtp_loss)
+
+    def rope(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary table, built once per length and device: not a host-to-GPU copy every forward."""
+        key = (seq_len, device)
+        if key not in self._rope_tables:
+            self._rope_tables[key] = rotary_table(self.args, seq_len, device)
+        return self._rope_tables[key]
 
     @staticmethod
     def _masked_mean(token_loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
