@@ -30,6 +30,7 @@ from megatron_ds.model.moe import LocalDispatcher, MoE, tokens_per_expert
 from megatron_ds.model.permutation import gather_copies, sort_copies, weighted_combine
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.launcher import free_port
+from parallel.parallelize import DTYPES
 
 
 def build_moe(args, device, dtype, world: int) -> MoE:
@@ -49,7 +50,7 @@ def build_moe(args, device, dtype, world: int) -> MoE:
 
 
 def measure(args, device: torch.device, world: int) -> dict:
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     moe, cfg = build_moe(args, device, dtype, world)
     gen = torch.Generator(device=device).manual_seed(1 + (dist.get_rank() if dist.is_initialized() else 0))
     x = torch.randn(1, args.tokens, cfg.model.dim, device=device, dtype=dtype, generator=gen)

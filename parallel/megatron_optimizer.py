@@ -23,13 +23,14 @@ from megatron_ds.checkpoint.sharding import mark_flat_range
 from megatron_ds.config import Config
 from megatron_ds.optim import STAGE_COPIES_ATTR
 from parallel.data_parallel import split_expert_parameters
+from parallel.parallelize import DTYPES
 
 
 def _transformer_config(cfg: Config):
     from megatron.core.transformer import TransformerConfig
 
     m, p = cfg.model, cfg.parallel
-    dtype = torch.bfloat16 if cfg.precision.params_dtype == "bf16" else torch.float32
+    dtype = DTYPES[cfg.precision.params_dtype]
     return TransformerConfig(  # DDP reads only the layout and dtypes; the model is ours
         num_layers=m.n_layers,
         hidden_size=m.dim,

@@ -24,14 +24,14 @@ around them still use TE.
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatron_ds.config import Config
 from megatron_ds.model.attention import MLA
 from megatron_ds.model.moe import GroupedExperts, MoE
-from megatron_ds.model.norm import MLP
+from megatron_ds.model.norm import MLP, swiglu
 from megatron_ds.model.transformer import MTPModule
+from parallel.parallelize import DTYPES
 
 # FP8 GEMMs need each expert's token count to be a multiple of 16 (TE's alignment for all
 # per-tensor and blockwise FP8 recipes); groups are zero-padded to it and the padding dropped after.
@@ -67,8 +67,7 @@ class TEGroupedExperts(nn.Module):
         rows = None
         if _fp8_enabled():
             x, splits, rows = pad_groups(x, counts, splits, FP8_GROUP_ALIGN)
-        h = F.silu(self.w1(x, splits)) * self.w3(x, splits)
-        out = self.w2(h, splits)
+        out = self.w2(swiglu(self.w1(x, splits), self.w3(x, splits)), splits)
         return out if rows is None else out.index_select(0, rows)
 
 
@@ -114,7 +113,7 @@ def apply_transformer_engine(model: nn.Module, cfg: Config, tp_group=None) -> No
     """
     if tp_group is not None and tp_group.size() > 1:
         raise ValueError("precision.linear_impl=te supports parallel.tensor=1 only")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.precision.params_dtype]
+    dtype = DTYPES[cfg.precision.params_dtype]
     device = next(model.parameters()).device
     for module in list(model.modules()):
         if isinstance(module, MLA):

@@ -70,7 +70,6 @@ class ParallelConfig:
     # order, e.g. [2, 2]; empty splits the layers as evenly as possible.
     pipeline_layers: list[int] = field(default_factory=list)
     gpus_per_node: int = 8  # ranks per node, used to map expert-parallel ranks to nodes
-    zero1: bool = True  # shard optimizer state over data-parallel ranks (ZeRO-1)
 
 
 @dataclass

@@ -138,22 +138,6 @@ def _parallel_errors(cfg) -> list[str]:
 def _precision_errors(cfg) -> list[str]:
     pr = cfg.precision
     errors = []
-    unknown = sorted(set(cfg.train.recompute) - set(RECOMPUTE_REGIONS))
-    if unknown:
-        choices = ", ".join(RECOMPUTE_REGIONS)
-        errors.append(f"train.recompute names unknown regions {unknown}: choose from {choices}")
-    elif cfg.train.recompute and pr.linear_impl == "te":
-        errors.append(
-            "train.recompute wraps the local backend's modules; with precision.linear_impl=te set "
-            "train.recompute=[] (or use precision.linear_impl=local)"
-        )
-    if cfg.train.optimizer_impl not in ("auto", "megatron", "zero1"):
-        errors.append(f"train.optimizer_impl={cfg.train.optimizer_impl!r}: choose auto, megatron or zero1")
-    elif cfg.train.optimizer_impl == "megatron" and pr.bf16_optimizer_moments:
-        errors.append(
-            "precision.bf16_optimizer_moments runs with our ZeRO-1 AdamW: set train.optimizer_impl=zero1 "
-            "(or auto)"
-        )
     if pr.params_dtype not in ("fp32", "bf16"):
         errors.append(f"precision.params_dtype={pr.params_dtype!r}: choose fp32 or bf16")
     if pr.linear_impl not in ("local", "te"):
@@ -206,6 +190,22 @@ def _train_errors(cfg) -> list[str]:
             errors.append(f"train.{name} must lie in [0, 1) (got {getattr(t, name)})")
     if t.steps < 0 or t.train_tokens <= 0:
         errors.append("train.steps must be >= 0 and train.train_tokens positive")
+    unknown = sorted(set(t.recompute) - set(RECOMPUTE_REGIONS))
+    if unknown:
+        choices = ", ".join(RECOMPUTE_REGIONS)
+        errors.append(f"train.recompute names unknown regions {unknown}: choose from {choices}")
+    elif t.recompute and cfg.precision.linear_impl == "te":
+        errors.append(
+            "train.recompute wraps the local backend's modules; with precision.linear_impl=te set "
+            "train.recompute=[] (or use precision.linear_impl=local)"
+        )
+    if t.optimizer_impl not in ("auto", "megatron", "zero1"):
+        errors.append(f"train.optimizer_impl={t.optimizer_impl!r}: choose auto, megatron or zero1")
+    elif t.optimizer_impl == "megatron" and cfg.precision.bf16_optimizer_moments:
+        errors.append(
+            "precision.bf16_optimizer_moments runs with our ZeRO-1 AdamW: set train.optimizer_impl=zero1 "
+            "(or auto)"
+        )
     if cfg.checkpoint.keep_last < 1:
         errors.append(f"checkpoint.keep_last must be >= 1 (got {cfg.checkpoint.keep_last})")
     return errors

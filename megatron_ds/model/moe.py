@@ -103,18 +103,27 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x holds tokens sorted by local expert; counts[e] of them belong to expert e."""
-        return self.down(_grouped_mm(x, self.w1, counts), _grouped_mm(x, self.w3, counts), counts)
+        groups = _expert_groups(x, counts)
+        return self.down(_grouped_mm(x, self.w1, groups), _grouped_mm(x, self.w3, groups), groups)
 
-    def down(self, gate: torch.Tensor, up: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def down(self, gate: torch.Tensor, up: torch.Tensor, groups: torch.Tensor | list[int]) -> torch.Tensor:
         """w2(SwiGLU) per expert: the part selective recomputation may replay in the backward."""
-        return _grouped_mm(swiglu(gate, up), self.w2, counts)
+        return _grouped_mm(swiglu(gate, up), self.w2, groups)
 
 
-def _grouped_mm(x: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Rows of expert e (counts[e] of them, in order) times weights[e]: one grouped GEMM on GPU."""
+def _expert_groups(x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor | list[int]:
+    """Where each expert's rows are, found once per layer: end offsets for the GPU's grouped GEMM,
+    else split sizes for a loop of GEMMs."""
     if x.is_cuda and x.dtype == torch.bfloat16:
-        return torch._grouped_mm(x, weights, offs=counts.cumsum(0).to(torch.int32))
-    chunks = x.split(counts.tolist())
+        return counts.cumsum(0).to(torch.int32)
+    return counts.tolist()
+
+
+def _grouped_mm(x: torch.Tensor, weights: torch.Tensor, groups: torch.Tensor | list[int]) -> torch.Tensor:
+    """Rows of expert e (as `groups` places them) times weights[e]: one grouped GEMM on GPU."""
+    if isinstance(groups, torch.Tensor):
+        return torch._grouped_mm(x, weights, offs=groups)
+    chunks = x.split(groups)
     return torch.cat([chunk @ weights[e] for e, chunk in enumerate(chunks)]) if chunks else x[:0]
 
 
