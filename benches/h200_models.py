@@ -6,10 +6,9 @@
 - mcore: Megatron-Core 0.16.1's own GPTModel from its TE layer specs (MLA, MoE with TE grouped GEMM
   and fused permutation, MTP 1, sigmoid group-limited routing with expert bias, sequence balance loss).
 
-Both train with the same optimizer code, megatron_ds.optim's ZeroAdamW (fp32 master weights, fp32
-moments, one rank: no communication) after the same global-norm clip, so the optimizer's work is
-identical by construction. Megatron-Core is usually run with its DDP + distributed optimizer; on one
-GPU that does the same arithmetic on flat buffers.
+The train-step benchmark gives both the same optimizer, Megatron-Core's DDP + distributed optimizer
+(parallel.megatron_optimizer), so the optimizer's work is identical by construction; the FP8 accuracy
+benchmark trains ours with megatron_ds.optim's ZeroAdamW.
 """
 
 import os
