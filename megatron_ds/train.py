@@ -25,7 +25,7 @@ from megatron_ds.checkpoint import Checkpointer, model_tensors
 from megatron_ds.config import Config, ConfigError, config_to_dict, config_to_yaml
 from megatron_ds.flops import training_flops_per_token
 from megatron_ds.metrics import MetricsLogger, NullLogger, peak_memory_gib, peak_tflops
-from megatron_ds.model.moe import BalanceLossGrad, moe_gates, update_expert_bias
+from megatron_ds.model.moe import BalanceLossGrad, balance_loss_total, moe_gates, update_expert_bias
 from megatron_ds.optim import ZeroOneOptimizer
 from megatron_ds.precision import check_precision, forward_context
 from parallel.data_parallel import gradient_groups_from_parallel_state
@@ -94,7 +94,7 @@ def forward_backward(model, cfg: Config, device, batches, n_micro: int, mtp_weig
         loss = out.lm_loss + mtp_weight * out.mtp_loss
         (loss / n_micro).backward()
         losses += torch.stack([loss, out.lm_loss, out.mtp_loss]).detach().double() / n_micro
-    balance = sum((g.balance_loss_sum for g in moe_gates(model).values()), torch.zeros((), device=device))
+    balance = balance_loss_total(model, device)
     return torch.cat([losses, balance.double().view(1) / n_micro])
 
 

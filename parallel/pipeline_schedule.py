@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_ds.config import Config, ConfigError
-from megatron_ds.model.moe import moe_gates
+from megatron_ds.model.moe import balance_loss_total
 from megatron_ds.model.transformer import LossOutput, Transformer
 from megatron_ds.optim import STAGE_COPIES_ATTR
 from parallel.parallelize import DTYPES, groups_from_parallel_state
@@ -233,10 +233,7 @@ class PipelineSchedule:
         if outputs:  # the last stage: one record per micro-batch
             losses[:3] = torch.stack([o["losses"] for o in outputs]).to(self.device).mean(0)
         dist.broadcast(losses, src=self.last_rank, group=self.pipeline_group)
-        balance = sum(
-            (g.balance_loss_sum for g in moe_gates(self.model).values()), torch.zeros((), device=self.device)
-        )
-        balance = balance.double().view(1) / n_micro
+        balance = balance_loss_total(self.model, self.device).double().view(1) / n_micro
         dist.all_reduce(balance, group=self.pipeline_group)  # each stage holds its own layers' share
         losses[3] = balance[0]
         return losses

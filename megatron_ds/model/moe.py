@@ -183,6 +183,11 @@ def moe_gates(model: nn.Module) -> dict[str, Gate]:
     return {name: m for name, m in model.named_modules() if isinstance(m, Gate)}
 
 
+def balance_loss_total(model: nn.Module, device: torch.device) -> torch.Tensor:
+    """The sequence balance losses this rank's MoE layers accumulated since their last reset."""
+    return sum((g.balance_loss_sum for g in moe_gates(model).values()), torch.zeros((), device=device))
+
+
 @torch.no_grad()
 def update_expert_bias(model: nn.Module, speed: float, group=None) -> dict[str, torch.Tensor]:
     """The auxiliary-loss-free balance step: b_i += gamma * sign(mean load - load_i).
