@@ -70,7 +70,7 @@ def _gather_rows(x, order, k: int):
 
 
 # The sums over the K copies are unrolled into K row gathers: as a reduction over a gathered
-# [T, K, D] middle dimension, Inductor's kernel reads across rows and ran 4.5x slower on an H200.
+# [T, K, D] middle dimension, Inductor's kernel reads across rows instead of streaming them.
 
 
 def _sum_copies(grad_rows, inverse):
