@@ -5,8 +5,10 @@ asynchronous checkpoint save blocks the loop.
    global batch of the preset (train.global_batch_size micro-batches of 1 x seq 4096 on one GPU):
    forward+backward of every micro-batch, then the optimizer backend the training loop uses
    (`--optimizer-impl`: megatron = Megatron-Core DDP + distributed optimizer, zero1 = ours): gradient
-   reduction, global-norm clip, AdamW with fp32 master weights and moments. Reports the median split
-   over `--steps` steps after a warm-up.
+   reduction, global-norm clip, AdamW with fp32 master weights; fp32 moments, or BF16 as the report
+   trains with the override precision.bf16_optimizer_moments=true. Reports the median split over
+   `--steps` steps after a warm-up, and each step's gradient norm (clipping is a pass over the
+   gradients only when the norm exceeds train.grad_clip).
 2. Async save: megatron_ds.checkpoint.Checkpointer(async_save=True) saving model + optimizer state of
    a model cut to `--save-layers` layers (the full dsv3-bench state, ~79 GB, does not fit the 64 GB
    disk of the device machine twice); the blocking time is the GPU -> CPU snapshot (pinned buffers),
@@ -71,17 +73,23 @@ def optimizer_share(preset: str, steps: int, device: str, overrides: list[str]) 
             ((out.lm_loss + 0.3 * out.mtp_loss) / n_micro).backward()
         _sync(device)
         middle = time.perf_counter()
-        optimizer.step(1e-4, optimizer.reduce_gradients())
+        grad_norm = optimizer.reduce_gradients()
+        optimizer.step(1e-4, grad_norm)
         optimizer.zero_grad()
         _sync(device)
         end = time.perf_counter()
         if step:  # the first step warms up kernels and allocates optimizer state
-            splits.append((middle - start, end - middle))
+            splits.append((middle - start, end - middle, float(grad_norm)))
     forward_backward = statistics.median(s[0] for s in splits)
     optim = statistics.median(s[1] for s in splits)
     result = {
         "preset": preset,
         "optimizer_impl": cfg.train.optimizer_impl,
+        "moments": "bf16" if cfg.precision.bf16_optimizer_moments else "fp32",
+        "precision_aware": getattr(optimizer, "precision_aware", False),
+        # clipping costs a pass over the gradients only when the norm exceeds train.grad_clip
+        "grad_norms": ", ".join(f"{s[2]:.3g}" for s in splits),
+        "grad_clip": cfg.train.grad_clip,
         "micro_batches_per_step": n_micro,
         "forward_backward_s": forward_backward,
         "optimizer_s": optim,
@@ -139,7 +147,8 @@ def main() -> None:
     for key, value in result.items():
         print(f"{key:42} {value:.4g}" if isinstance(value, float) else f"{key:42} {value}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    name = f"h200_train_loop_{args.optimizer_impl}_{'_'.join(args.measure)}.json"
+    moments = "_bf16moments" if "precision.bf16_optimizer_moments=true" in args.overrides else ""
+    name = f"h200_train_loop_{args.optimizer_impl}_{'_'.join(args.measure)}{moments}.json"
     (Path(args.out) / name).write_text(json.dumps(result, indent=1))
 
 

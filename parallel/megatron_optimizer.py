@@ -1,10 +1,16 @@
 """The GPU optimizer backend: Megatron-Core's DistributedDataParallel and distributed optimizer.
 
 Each model chunk is wrapped in Megatron-Core's DDP, which accumulates gradients into contiguous
-fp32 buffers and reduce-scatters them over the data-parallel ranks; its distributed optimizer
-(Adam from Transformer Engine or Apex when present: one fused kernel over many tensors) keeps fp32
-master weights and moments for this rank's 1/DP of every buffer and all-gathers the updated
-parameters. The model itself is unchanged: DDP only hooks its parameters.
+fp32 buffers and reduce-scatters them over the data-parallel ranks; its distributed optimizer keeps
+fp32 master weights and the moments for this rank's 1/DP of every buffer and all-gathers the updated
+parameters. The model itself is unchanged: DDP only hooks its parameters, and Transformer Engine's
+layers (precision.linear_impl=te) write their weight gradients into those fp32 buffers from the GEMM
+itself (TE's fuse_wgrad_accumulation) instead of a bf16 gradient that a hook then adds.
+
+With Transformer Engine installed this is Megatron-Core's precision-aware optimizer: TE's FusedAdam
+holds the fp32 master weights itself and writes the bf16 parameters in the same kernel (no separate
+main-to-model copy), and the moments may be BF16 (precision.bf16_optimizer_moments, as the report
+trains). Without TE, Megatron-Core falls back to torch's AdamW with fp32 moments.
 
 Megatron-Core's own rules then decide which gradients are reduced over which group: routed experts
 (marked `allreduce = False`) over the expert-data-parallel group, everything else over data
@@ -20,7 +26,7 @@ import torch
 from torch import nn
 
 from megatron_ds.checkpoint.sharding import mark_flat_range
-from megatron_ds.config import Config
+from megatron_ds.config import Config, ConfigError
 from megatron_ds.optim import STAGE_COPIES_ATTR
 from parallel.data_parallel import split_expert_parameters
 from parallel.parallelize import DTYPES
@@ -46,6 +52,13 @@ def _transformer_config(cfg: Config):
     )
 
 
+def precision_aware_available() -> bool:
+    """Whether Megatron-Core's Adam is Transformer Engine's FusedAdam (needed for precision-aware)."""
+    from megatron.core import optimizer
+
+    return optimizer.Adam.__module__.startswith("transformer_engine")
+
+
 class MegatronOptimizer:
     """Megatron-Core DDP + distributed optimizer behind the loop's optimizer interface."""
 
@@ -55,6 +68,14 @@ class MegatronOptimizer:
         from megatron.core.optimizer import ChainedOptimizer, OptimizerConfig, get_megatron_optimizer
 
         t = cfg.train
+        self.precision_aware = precision_aware_available()
+        moments = torch.bfloat16 if cfg.precision.bf16_optimizer_moments else torch.float32
+        if moments != torch.float32 and not self.precision_aware:
+            raise ConfigError(
+                "precision.bf16_optimizer_moments with train.optimizer_impl=megatron needs Transformer "
+                "Engine's FusedAdam (Megatron-Core's precision-aware optimizer), which is not installed: "
+                "install transformer-engine[pytorch] or set train.optimizer_impl=zero1"
+            )
         if cfg.parallel.expert > 1:
             for param in split_expert_parameters(model)[1]:
                 param.allreduce = False  # reduced over the expert-data-parallel group
@@ -68,6 +89,10 @@ class MegatronOptimizer:
             DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=i > 0)
             for i, chunk in enumerate(chunks)
         ]
+        for chunk in chunks:  # TE's weight-gradient GEMMs accumulate straight into DDP's fp32 buffers
+            for module in chunk.modules():
+                if hasattr(module, "fuse_wgrad_accumulation"):
+                    module.fuse_wgrad_accumulation = True
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam",
@@ -81,6 +106,10 @@ class MegatronOptimizer:
                 params_dtype=config.params_dtype,
                 use_distributed_optimizer=True,
                 clip_grad=t.grad_clip,
+                use_precision_aware_optimizer=self.precision_aware,
+                exp_avg_dtype=moments,
+                exp_avg_sq_dtype=moments,
+                store_param_remainders=False,  # the checkpoint holds fp32 masters in place
             ),
             self.chunks,
         )
@@ -115,7 +144,9 @@ class MegatronOptimizer:
             for part in self.parts:
                 params = part.get_parameters()
                 if params:
-                    clip_grad_by_total_norm_fp32(params, self.grad_clip, float(grad_norm))
+                    clip_grad_by_total_norm_fp32(
+                        params, self.grad_clip, float(grad_norm), use_decoupled_grad=self.precision_aware
+                    )
         self.optimizer.step_with_ready_grads()
 
     def zero_grad(self) -> None:
@@ -127,30 +158,44 @@ class MegatronOptimizer:
         """This rank's shards of the master weights and moments, in place, as checkpoint keys.
 
         Creates the moments now (Adam would on its first step) so that a checkpoint can load into them.
-        Model and main parameters are paired through the optimizer's per-dtype groups: Megatron-Core
+        Model parameters are paired with the optimizer's through its per-dtype groups: Megatron-Core
         0.16's own lookup (group index, order) assumes groups of one dtype, and our router is fp32.
         """
         if self._state is not None:
             return self._state
         state = {"optim.step": self.step_count}
         for part in self.parts:
-            part.init_state_fn(part.optimizer, part.config)
-            pairs = [*zip(part.model_float16_groups, part.shard_fp32_from_float16_groups),
-                     *zip(part.model_fp32_groups, part.shard_fp32_groups)]  # fmt: skip
-            for model_group, main_group in pairs:
-                for model_param, main_param in zip(model_group, main_group):
+            self._create_moments(part)
+            if self.precision_aware:  # TE's FusedAdam steps the bf16 shards and keeps their masters
+                pairs = [*zip(part.model_float16_groups, part.shard_float16_groups),
+                         *zip(part.model_fp32_groups, part.shard_fp32_groups)]  # fmt: skip
+            else:
+                pairs = [*zip(part.model_float16_groups, part.shard_fp32_from_float16_groups),
+                         *zip(part.model_fp32_groups, part.shard_fp32_groups)]  # fmt: skip
+            for model_group, optim_group in pairs:
+                for model_param, optim_param in zip(model_group, optim_group):
                     name = self._names[model_param]
                     span = part._get_model_param_range_map(model_param)["param"]
-                    moments = part.optimizer.state[main_param]
+                    moments = part.optimizer.state[optim_param]
                     slots = {"exp_avg": moments["exp_avg"], "exp_avg_sq": moments["exp_avg_sq"]}
                     if model_param.dtype != torch.float32:  # an fp32 parameter is its own master
-                        slots["master"] = main_param
+                        slots["master"] = moments["master_param"] if self.precision_aware else optim_param
                     for slot, tensor in slots.items():
                         mark_flat_range(tensor, span.start, span.end, of=model_param)
                         state[f"optim.{name}.{slot}"] = tensor
         self._state = state
         self.loaded()  # torch's AdamW (the fallback without TE or Apex) wants a step beside its moments
         return state
+
+    def _create_moments(self, part) -> None:
+        if not self.precision_aware:
+            part.init_state_fn(part.optimizer, part.config)
+            return
+        inner = part.optimizer  # Megatron-Core 0.16's init_state_fn omits TE 2.x's remainder flag
+        for group in inner.param_groups:
+            for param in group["params"]:
+                if not inner.state[param]:
+                    inner.initialize_state(param, store_param_remainders=False)
 
     def loaded(self) -> None:
         """After a checkpoint load: Adam's step count (its bias correction) follows the checkpoint's."""

@@ -54,8 +54,26 @@ def test_the_backend_follows_optimizer_impl_and_the_device():
     megatron = load_config("tiny", overrides=["model.n_layers=2", "train.optimizer_impl=megatron"])
     with pytest.raises(ConfigError, match="train.optimizer_impl=zero1"):
         build_optimizer(megatron, model, [model], torch.device("cpu"), 1)
-    with pytest.raises(ConfigError, match="bf16_optimizer_moments"):
-        moments = "precision.bf16_optimizer_moments=true"
-        load_config("tiny", overrides=["train.optimizer_impl=megatron", moments])
     with pytest.raises(ConfigError, match="optimizer_impl='adam'"):
         load_config("tiny", overrides=["train.optimizer_impl=adam"])
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("transformer_engine") is not None,
+    reason="checks the behaviour without Transformer Engine",
+)
+def test_bf16_moments_without_transformer_engine_stay_on_ours_or_say_what_to_install():
+    """Megatron-Core keeps BF16 moments only in TE's FusedAdam (its precision-aware optimizer)."""
+    from megatron_ds.config import ConfigError
+    from megatron_ds.optim import ZeroOneOptimizer
+    from megatron_ds.train import build_optimizer
+    from parallel.megatron_optimizer import MegatronOptimizer
+
+    moments = ["model.n_layers=2", "precision.bf16_optimizer_moments=true"]
+    cfg = load_config("tiny", overrides=moments)
+    model = build_model(cfg, "cpu")
+    auto = build_optimizer(cfg, model, [model], torch.device("cuda"), 1)  # a GPU without TE
+    assert isinstance(auto, ZeroOneOptimizer)
+    megatron = load_config("tiny", overrides=[*moments, "train.optimizer_impl=megatron"])
+    with pytest.raises(ConfigError, match="install transformer-engine.*train.optimizer_impl=zero1"):
+        MegatronOptimizer(model, [model], megatron)

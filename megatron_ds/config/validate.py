@@ -201,11 +201,6 @@ def _train_errors(cfg) -> list[str]:
         )
     if t.optimizer_impl not in ("auto", "megatron", "zero1"):
         errors.append(f"train.optimizer_impl={t.optimizer_impl!r}: choose auto, megatron or zero1")
-    elif t.optimizer_impl == "megatron" and cfg.precision.bf16_optimizer_moments:
-        errors.append(
-            "precision.bf16_optimizer_moments runs with our ZeRO-1 AdamW: set train.optimizer_impl=zero1 "
-            "(or auto)"
-        )
     if cfg.checkpoint.keep_last < 1:
         errors.append(f"checkpoint.keep_last must be >= 1 (got {cfg.checkpoint.keep_last})")
     return errors
