@@ -5,10 +5,10 @@ asynchronous checkpoint save blocks the loop.
    global batch of the preset (train.global_batch_size micro-batches of 1 x seq 4096 on one GPU):
    forward+backward of every micro-batch, then the optimizer backend the training loop uses
    (`--optimizer-impl`: megatron = Megatron-Core DDP + distributed optimizer, zero1 = ours): gradient
-   reduction, global-norm clip, AdamW with fp32 master weights; fp32 moments, or BF16 as the report
-   trains with the override precision.bf16_optimizer_moments=true. Reports the median split over
-   `--steps` steps after a warm-up, and each step's gradient norm (clipping is a pass over the
-   gradients only when the norm exceeds train.grad_clip).
+   reduction, global-norm clip, AdamW with fp32 master weights and the preset's moments (BF16, as
+   the report trains; fp32 with the override precision.bf16_optimizer_moments=false). Reports the
+   median split over `--steps` steps after a warm-up, and each step's gradient norm (clipping is a
+   pass over the gradients only when the norm exceeds train.grad_clip).
 2. Async save: megatron_ds.checkpoint.Checkpointer(async_save=True) saving model + optimizer state of
    a model cut to `--save-layers` layers (the full dsv3-bench state, ~79 GB, does not fit the 64 GB
    disk of the device machine twice); the blocking time is the GPU -> CPU snapshot (pinned buffers),
@@ -17,6 +17,7 @@ asynchronous checkpoint save blocks the loop.
 Each run measures one optimizer backend in its own process (a second model would not fit beside it):
 
     python3 benches/h200_train_loop.py --optimizer-impl megatron     # on the GPU machine; prints a table
+    python3 benches/h200_train_loop.py --optimizer-impl megatron precision.bf16_optimizer_moments=false
     python3 benches/h200_train_loop.py --optimizer-impl zero1
 """
 
@@ -147,7 +148,7 @@ def main() -> None:
     for key, value in result.items():
         print(f"{key:42} {value:.4g}" if isinstance(value, float) else f"{key:42} {value}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    moments = "_bf16moments" if "precision.bf16_optimizer_moments=true" in args.overrides else ""
+    moments = f"_{result['moments']}_moments" if "moments" in result else ""
     name = f"h200_train_loop_{args.optimizer_impl}_{'_'.join(args.measure)}{moments}.json"
     (Path(args.out) / name).write_text(json.dumps(result, indent=1))
 

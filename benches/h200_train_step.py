@@ -1,8 +1,9 @@
 """Full training step (forward, backward, clip, AdamW) on one H200: ours vs Megatron-Core's GPTModel.
 
 Both models train through the same optimizer: Megatron-Core's DDP and distributed optimizer (fp32
-grad buffers, fp32 master weights and moments, Transformer Engine's FusedAdam), built by
-parallel.megatron_optimizer exactly as `mds train` builds it on GPUs.
+grad buffers into which TE's layers accumulate their weight gradients, fp32 master weights, the
+preset's moments: BF16 as the report trains), Megatron-Core's precision-aware variant on Transformer
+Engine's FusedAdam, built by parallel.megatron_optimizer exactly as `mds train` builds it on GPUs.
 
     python benches/h200_train_step.py --presets dsv3-bench dsv3-slice --out $OUT
 
@@ -93,6 +94,7 @@ def measure(
     return {
         "system": system, "preset": preset, "micro_batch": micro_batch,
         "precision": fp8 if fp8 != "none" else "bf16", "step_ms": 1e3 * seconds,
+        "moments": "bf16" if cfg.precision.bf16_optimizer_moments else "fp32",
         "tokens_per_s": tokens / seconds, "tflops": tflops, "mfu": tflops / PEAK_TFLOPS,
         "optimizer_ms": 1e3 * statistics.median(opt_s), "optimizer_share": statistics.median(opt_s) / seconds,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "params": n_params, "loss": losses[-1],
