@@ -101,12 +101,13 @@ def forward_backward(model, cfg: Config, device, batches, n_micro: int, mtp_weig
 def build_optimizer(cfg: Config, model, chunks, device: torch.device, world_size: int):
     """The optimizer backend train.optimizer_impl names (see config/schema.py)."""
     impl = cfg.train.optimizer_impl
-    if impl == "auto":  # bf16 moments on Megatron-Core need TE's FusedAdam; ours has them anywhere
-        impl = "megatron" if device.type == "cuda" else "zero1"
-        if impl == "megatron" and cfg.precision.bf16_optimizer_moments:
+    if impl == "auto":  # Megatron-Core's on GPUs, unless it cannot keep the BF16 moments asked for
+        impl = "zero1"
+        if device.type == "cuda":
             from parallel.megatron_optimizer import precision_aware_available
 
-            impl = "megatron" if precision_aware_available() else "zero1"
+            if not cfg.precision.bf16_optimizer_moments or precision_aware_available():
+                impl = "megatron"
     if impl == "zero1":
         return ZeroOneOptimizer(model, cfg, world_size)
     if device.type != "cuda":

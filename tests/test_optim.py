@@ -1,5 +1,7 @@
 """ZeRO-1 AdamW against torch.optim.AdamW, and the global gradient norm, in one process."""
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -59,7 +61,7 @@ def test_the_backend_follows_optimizer_impl_and_the_device():
 
 
 @pytest.mark.skipif(
-    __import__("importlib").util.find_spec("transformer_engine") is not None,
+    importlib.util.find_spec("transformer_engine") is not None,
     reason="checks the behaviour without Transformer Engine",
 )
 def test_bf16_moments_without_transformer_engine_stay_on_ours_or_say_what_to_install():
