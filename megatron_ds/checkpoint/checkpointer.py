@@ -129,6 +129,16 @@ def config_differences(saved: dict, current: dict, prefix: str = "model") -> lis
     return lines
 
 
+def parameter_naming(config: dict) -> str:
+    """The settings that decide a run's parameter names: the TE backend folds two norms into its fused
+    norm + linear layers and, without expert parallelism, keeps each routed expert as its own
+    GroupedLinear weight (parallel/transformer_engine.py)."""
+    if config.get("precision", {}).get("linear_impl") != "te":
+        return "precision.linear_impl=local"
+    expert = "1" if config.get("parallel", {}).get("expert", 1) == 1 else ">1"
+    return f"precision.linear_impl=te with parallel.expert={expert}"
+
+
 @torch.no_grad()
 def _masters_from_model(tensors: dict[str, torch.Tensor]) -> None:
     """A fresh optimizer's master weights were taken from the parameters before they were loaded."""
@@ -272,6 +282,13 @@ class Checkpointer:
         metadata = read_metadata(path / METADATA_FILE)
         check_files(path, metadata)
         wanted, problem = self._select(path, tensors, metadata.state_dict_metadata)
+        if problem and config_dict is not None and "config" in extra:
+            saved, current = parameter_naming(extra["config"]), parameter_naming(config_dict)
+            if saved != current:
+                problem += (
+                    f"It was saved with {saved} and this run uses {current}, which name their parameters "
+                    f"differently; checkpoints do not convert between them yet: resume with {saved}."
+                )
         self._agree_on(problem)
         dcp_tensors, staged = dcp_state(wanted, self._meshes, copy=False)
         try:

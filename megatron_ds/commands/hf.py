@@ -74,6 +74,12 @@ def export_hf(checkpoint: str | Path, out: str | Path, max_shard_bytes: int) -> 
     if "config" not in extra:
         raise CheckpointError(f"checkpoint {path} does not record its config; cannot rebuild the model")
     cfg = export_config(extra["config"])
+    if cfg.precision.linear_impl != "local":
+        raise CheckpointError(
+            f"checkpoint {path} was saved by the Transformer Engine backend (precision.linear_impl=te), "
+            "whose parameter names export-hf does not read yet (docs/checkpointing.md, Limits); export a "
+            "checkpoint of a precision.linear_impl=local run"
+        )
     model = build_model(cfg, "cpu", ModelGroups())
     tensors = model_tensors(model)
     Checkpointer(path.parent, cfg.checkpoint).load(path, tensors, None)

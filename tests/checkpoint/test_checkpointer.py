@@ -115,6 +115,21 @@ def test_missing_and_misshapen_tensors_are_named(tmp_path):
         ckpt.load(ckpt.latest(), {**tensors(), "model.w": torch.zeros(3, 4)}, None)
 
 
+def test_parameters_named_by_another_backend_say_which_settings_to_resume_with(tmp_path):
+    """A TE-backend run names q_norm's weight attn.wq_b.layer_norm_weight (its fused norm + linear)."""
+    ckpt = Checkpointer(tmp_path, CheckpointConfig())
+    te = {**config(), "precision": {"linear_impl": "te"}, "parallel": {"expert": 1}}
+    ckpt.save(1, {"model.attn.wq_b.layer_norm_weight": torch.ones(4)}, {"config": te})
+    ckpt.wait()
+    local = {**config(), "precision": {"linear_impl": "local"}, "parallel": {"expert": 1}}
+    with pytest.raises(
+        CheckpointError,
+        match=r"saved with precision.linear_impl=te with parallel.expert=1 "
+        r"and this run uses precision.linear_impl=local.*resume with precision.linear_impl=te",
+    ):
+        ckpt.load(ckpt.latest(), {"model.attn.q_norm.weight": torch.ones(4)}, local)
+
+
 def test_damaged_checkpoints_fail_with_the_path_and_what_to_do(tmp_path):
     ckpt = save(tmp_path, 1)
     path = ckpt.latest()

@@ -69,6 +69,17 @@ def test_import_refuses_a_run_that_has_checkpoints_and_a_mismatched_model(export
         export_hf(root / "missing", root / "out", 1)
 
 
+def test_export_of_a_transformer_engine_checkpoint_says_it_is_not_supported_yet(tmp_path):
+    from megatron_ds.commands.hf import export_hf
+
+    te = config_to_dict(tiny("precision.linear_impl=te"))
+    ckpt = Checkpointer(tmp_path / "checkpoints", tiny().checkpoint)
+    ckpt.save(1, {"model.attn.wq_b.layer_norm_weight": torch.ones(4)}, {"config": te})
+    ckpt.wait()
+    with pytest.raises(CheckpointError, match="Transformer Engine backend.*linear_impl=local run"):
+        export_hf(tmp_path, tmp_path / "hf", 1)
+
+
 def test_sizes_follow_hugging_face_units():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("500MiB") == 500 * 2**20 and parse_size("123") == 123
     with pytest.raises(ValueError, match="5GB or 500MiB"):
