@@ -97,6 +97,8 @@ def measure(
         "moments": "bf16" if cfg.precision.bf16_optimizer_moments else "fp32",
         "tokens_per_s": tokens / seconds, "tflops": tflops, "mfu": tflops / PEAK_TFLOPS,
         "optimizer_ms": 1e3 * statistics.median(opt_s), "optimizer_share": statistics.median(opt_s) / seconds,
+        "step_ms_each": [round(1e3 * t, 1) for t in step_s],  # the spread: host-bound steps vary
+        "optimizer_ms_each": [round(1e3 * t, 1) for t in opt_s],
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "params": n_params, "loss": losses[-1],
     }  # fmt: skip
 
