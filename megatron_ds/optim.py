@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron_ds.checkpoint.sharding import canonical_name
 from megatron_ds.config import Config
 from megatron_ds.model.init import SHARD_ATTR, SHARD_GROUP_ATTR
 from parallel.data_parallel import (
@@ -120,7 +121,7 @@ class ZeroAdamW:
         tensors = {"optim.step": self.step_count}
         for name, state in self.state.items():
             for slot, tensor in state.items():
-                tensors[f"optim.{name}.{slot}"] = tensor
+                tensors[f"optim.{canonical_name(name, self.params[name])}.{slot}"] = tensor
         return tensors
 
 

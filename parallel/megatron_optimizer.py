@@ -25,7 +25,7 @@ between the backends and between data-parallel sizes.
 import torch
 from torch import nn
 
-from megatron_ds.checkpoint.sharding import mark_flat_range
+from megatron_ds.checkpoint.sharding import canonical_name, mark_flat_range
 from megatron_ds.config import Config, ConfigError
 from megatron_ds.optim import STAGE_COPIES_ATTR
 from parallel.data_parallel import split_expert_parameters
@@ -122,7 +122,7 @@ class MegatronOptimizer:
             group["weight_decay"] = t.weight_decay * group.get("wd_mult", 1.0)
         self.grad_clip = t.grad_clip
         self.step_count = torch.zeros((), dtype=torch.int64)
-        self._names = {param: name for name, param in model.named_parameters()}
+        self._names = {param: canonical_name(name, param) for name, param in model.named_parameters()}
         self._state: dict[str, torch.Tensor] | None = None
 
     def reduce_gradients(self) -> torch.Tensor:

@@ -13,8 +13,10 @@ Parameter names and initialisation. megatron_ds.model.init initialises the TE mo
 local one (norm weights 1, matrices N(0, std) seeded by name). The names differ from the local
 backend's in two places, and `copy_local_weights` applies this mapping:
 - `attn.q_norm.weight` -> `attn.wq_b.layer_norm_weight`,
-  `attn.kv_norm.weight` -> `attn.wkv_b.layer_norm_weight`;
-- `ffn.experts.w{1,2,3}[e]` ([in, out]) -> `ffn.experts.w{1,2,3}.weight{e}` ([out, in], transposed).
+  `attn.kv_norm.weight` -> `attn.wkv_b.layer_norm_weight`: marked (checkpoint.sharding.mark_renamed)
+  so that checkpoints hold them under the local names;
+- `ffn.experts.w{1,2,3}[e]` ([in, out]) -> `ffn.experts.w{1,2,3}.weight{e}` ([out, in], transposed):
+  checkpoints keep these TE names, so a TE run without expert parallelism has its own keys.
 Every other parameter keeps its name and value.
 
 Scope: one tensor-parallel rank (config validation rejects linear_impl=te with parallel.tensor > 1).
@@ -26,6 +28,7 @@ around them still use TE.
 import torch
 from torch import nn
 
+from megatron_ds.checkpoint.sharding import mark_renamed
 from megatron_ds.config import Config
 from megatron_ds.model.attention import MLA
 from megatron_ds.model.moe import GroupedExperts, MoE
@@ -123,8 +126,10 @@ def apply_transformer_engine(model: nn.Module, cfg: Config, tp_group=None) -> No
             if module.args.q_lora_rank:
                 module.wq_b = _norm_linear(module.q_norm, module.wq_b, dtype, device)
                 module.q_norm = nn.Identity()
+                mark_renamed(module.wq_b.layer_norm_weight, "wq_b.layer_norm_weight", "q_norm.weight")
             module.wkv_b = _norm_linear(module.kv_norm, module.wkv_b, dtype, device)
             module.kv_norm = nn.Identity()
+            mark_renamed(module.wkv_b.layer_norm_weight, "wkv_b.layer_norm_weight", "kv_norm.weight")
         elif isinstance(module, MLP):
             for name in ("w1", "w3", "w2"):
                 setattr(module, name, _linear(getattr(module, name), dtype, device))

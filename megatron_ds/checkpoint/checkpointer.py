@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from megatron_ds.checkpoint.sharding import MeshCache, dcp_state, full_shape, part_of
+from megatron_ds.checkpoint.sharding import MeshCache, canonical_name, dcp_state, full_shape, part_of
 from megatron_ds.checkpoint.storage import (
     METADATA_FILE,
     CheckpointError,
@@ -44,10 +44,22 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 _EARLIER = "Load an earlier checkpoint with checkpoint.load=PATH (a step_* directory)."
 
 
+EXTRA_STATE_SUFFIX = "_extra_state"  # torch's state-dict key for nn.Module.get_extra_state()
+
+
 def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters (as Parameter objects, with their shard marks) and persistent buffers as "model.<name>"."""
+    """Parameters (as Parameter objects, with their shard marks) and persistent buffers as "model.<name>",
+    each under the local backend's name (sharding.canonical_name).
+
+    Modules' extra state is left out: Transformer Engine returns a fresh tensor there (its FP8 scaling
+    history, empty for the blockwise and current recipes), which an in-place load could not restore.
+    """
     state = model.state_dict(keep_vars=True)
-    return {f"model.{name}": t for name, t in state.items() if isinstance(t, torch.Tensor)}
+    return {
+        f"model.{canonical_name(n, t)}": t
+        for n, t in state.items()
+        if isinstance(t, torch.Tensor) and not n.endswith(EXTRA_STATE_SUFFIX)
+    }
 
 
 def checkpoint_name(step: int) -> str:
@@ -130,13 +142,13 @@ def config_differences(saved: dict, current: dict, prefix: str = "model") -> lis
 
 
 def parameter_naming(config: dict) -> str:
-    """The settings that decide a run's parameter names: the TE backend folds two norms into its fused
-    norm + linear layers and, without expert parallelism, keeps each routed expert as its own
-    GroupedLinear weight (parallel/transformer_engine.py)."""
-    if config.get("precision", {}).get("linear_impl") != "te":
-        return "precision.linear_impl=local"
-    expert = "1" if config.get("parallel", {}).get("expert", 1) == 1 else ">1"
-    return f"precision.linear_impl=te with parallel.expert={expert}"
+    """The settings that decide a run's checkpoint keys: without expert parallelism the TE backend keeps
+    each routed expert as its own GroupedLinear weight (parallel/transformer_engine.py); every other
+    parameter is saved under the local backend's name."""
+    te = config.get("precision", {}).get("linear_impl") == "te"
+    if te and config.get("parallel", {}).get("expert", 1) == 1:
+        return "precision.linear_impl=te with parallel.expert=1"
+    return "precision.linear_impl=local, or te with parallel.expert>1"
 
 
 @torch.no_grad()

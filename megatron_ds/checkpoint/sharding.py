@@ -28,6 +28,20 @@ from megatron_ds.checkpoint.storage import CheckpointError
 from megatron_ds.model.init import SHARD_ATTR, SHARD_GROUP_ATTR
 
 FLAT_RANGE_ATTR = "mds_flat_range"
+# (name suffix in this model, the local backend's suffix): a parameter another backend names differently
+RENAMED_ATTR = "mds_renamed"
+
+
+def mark_renamed(param: torch.Tensor, here: str, canonical: str) -> None:
+    """`param`, whose name ends in `here` in this model, is saved under the local backend's name, which
+    ends in `canonical` instead: checkpoints of both backends then hold the same keys."""
+    setattr(param, RENAMED_ATTR, (here, canonical))
+
+
+def canonical_name(name: str, param: torch.Tensor) -> str:
+    """The name `param` (called `name` in its model) has in checkpoints."""
+    here, canonical = getattr(param, RENAMED_ATTR, ("", ""))
+    return name.removesuffix(here) + canonical if here and name.endswith(here) else name
 
 
 def mark_flat_range(tensor: torch.Tensor, start: int, stop: int, of: torch.Tensor) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from megatron_ds.checkpoint import Checkpointer, CheckpointError, model_tensors, resolve_checkpoint
-from megatron_ds.checkpoint.checkpointer import LATEST, read_state
+from megatron_ds.checkpoint.checkpointer import LATEST, parameter_naming, read_state
 from megatron_ds.config import (
     Config,
     ConfigError,
@@ -62,6 +62,7 @@ def export_config(saved: dict) -> Config:
         precision = PrecisionConfig(**saved.get("precision", {}))
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"the checkpoint's config has no usable model section ({e})") from None
+    precision.linear_impl, precision.fp8 = "local", "none"  # checkpoints hold the local backend's names
     return Config(model=model, precision=precision)
 
 
@@ -73,13 +74,13 @@ def export_hf(checkpoint: str | Path, out: str | Path, max_shard_bytes: int) -> 
     extra = read_state(path)["extra"]
     if "config" not in extra:
         raise CheckpointError(f"checkpoint {path} does not record its config; cannot rebuild the model")
-    cfg = export_config(extra["config"])
-    if cfg.precision.linear_impl != "local":
+    if parameter_naming(extra["config"]) != parameter_naming({}):
         raise CheckpointError(
-            f"checkpoint {path} was saved by the Transformer Engine backend (precision.linear_impl=te), "
-            "whose parameter names export-hf does not read yet (docs/checkpointing.md, Limits); export a "
-            "checkpoint of a precision.linear_impl=local run"
+            f"checkpoint {path} was saved with {parameter_naming(extra['config'])}, whose routed experts "
+            "export-hf does not read yet (docs/checkpointing.md, Limits); export a checkpoint of a run "
+            f"with {parameter_naming({})}"
         )
+    cfg = export_config(extra["config"])
     model = build_model(cfg, "cpu", ModelGroups())
     tensors = model_tensors(model)
     Checkpointer(path.parent, cfg.checkpoint).load(path, tensors, None)

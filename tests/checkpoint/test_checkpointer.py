@@ -68,6 +68,20 @@ def test_model_tensors_are_the_parameters_and_persistent_buffers():
     assert got["model.weight"] is model.weight
 
 
+def test_extra_state_is_not_saved():
+    """Transformer Engine's modules return their FP8 scaling history as extra state, a fresh tensor
+    that a load in place could not restore; it stays out of checkpoints."""
+
+    class WithExtraState(nn.Linear):
+        def get_extra_state(self):
+            return torch.zeros(3, dtype=torch.uint8)
+
+        def set_extra_state(self, state):
+            pass
+
+    assert list(model_tensors(WithExtraState(2, 2, bias=False))) == ["model.weight"]
+
+
 def test_loads_in_place_into_parameters(tmp_path):
     model = nn.Linear(3, 2)
     ckpt = Checkpointer(tmp_path, CheckpointConfig())
@@ -116,10 +130,10 @@ def test_missing_and_misshapen_tensors_are_named(tmp_path):
 
 
 def test_parameters_named_by_another_backend_say_which_settings_to_resume_with(tmp_path):
-    """A TE-backend run names q_norm's weight attn.wq_b.layer_norm_weight (its fused norm + linear)."""
+    """Without expert parallelism the TE backend keeps each routed expert as its own weight."""
     ckpt = Checkpointer(tmp_path, CheckpointConfig())
     te = {**config(), "precision": {"linear_impl": "te"}, "parallel": {"expert": 1}}
-    ckpt.save(1, {"model.attn.wq_b.layer_norm_weight": torch.ones(4)}, {"config": te})
+    ckpt.save(1, {"model.layers.1.ffn.experts.w1.weight0": torch.ones(4, 4)}, {"config": te})
     ckpt.wait()
     local = {**config(), "precision": {"linear_impl": "local"}, "parallel": {"expert": 1}}
     with pytest.raises(
@@ -127,7 +141,24 @@ def test_parameters_named_by_another_backend_say_which_settings_to_resume_with(t
         match=r"saved with precision.linear_impl=te with parallel.expert=1 "
         r"and this run uses precision.linear_impl=local.*resume with precision.linear_impl=te",
     ):
-        ckpt.load(ckpt.latest(), {"model.attn.q_norm.weight": torch.ones(4)}, local)
+        ckpt.load(ckpt.latest(), {"model.layers.1.ffn.experts.w1": torch.ones(2, 4, 4)}, local)
+
+
+def test_a_renamed_parameter_is_saved_under_the_local_backends_name(tmp_path):
+    """TE's fused norm + linear holds q_norm's weight as wq_b.layer_norm_weight; checkpoints say q_norm."""
+    from megatron_ds.checkpoint.sharding import mark_renamed
+
+    te, local = nn.Module(), nn.Module()
+    te.wq_b, local.q_norm = nn.Module(), nn.Module()
+    te.wq_b.layer_norm_weight = nn.Parameter(torch.randn(4))
+    local.q_norm.weight = nn.Parameter(torch.zeros(4))
+    mark_renamed(te.wq_b.layer_norm_weight, "wq_b.layer_norm_weight", "q_norm.weight")
+    assert list(model_tensors(te)) == ["model.q_norm.weight"]
+    ckpt = Checkpointer(tmp_path, CheckpointConfig())
+    ckpt.save(1, model_tensors(te), {})
+    ckpt.wait()
+    ckpt.load(ckpt.latest(), model_tensors(local), None)
+    assert torch.equal(local.q_norm.weight, te.wq_b.layer_norm_weight)
 
 
 def test_damaged_checkpoints_fail_with_the_path_and_what_to_do(tmp_path):

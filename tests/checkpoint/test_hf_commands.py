@@ -69,14 +69,14 @@ def test_import_refuses_a_run_that_has_checkpoints_and_a_mismatched_model(export
         export_hf(root / "missing", root / "out", 1)
 
 
-def test_export_of_a_transformer_engine_checkpoint_says_it_is_not_supported_yet(tmp_path):
+def test_export_of_te_experts_without_expert_parallelism_says_it_is_not_supported_yet(tmp_path):
     from megatron_ds.commands.hf import export_hf
 
     te = config_to_dict(tiny("precision.linear_impl=te"))
     ckpt = Checkpointer(tmp_path / "checkpoints", tiny().checkpoint)
-    ckpt.save(1, {"model.attn.wq_b.layer_norm_weight": torch.ones(4)}, {"config": te})
+    ckpt.save(1, {"model.layers.1.ffn.experts.w1.weight0": torch.ones(4, 4)}, {"config": te})
     ckpt.wait()
-    with pytest.raises(CheckpointError, match="Transformer Engine backend.*linear_impl=local run"):
+    with pytest.raises(CheckpointError, match="te with parallel.expert=1, whose routed experts"):
         export_hf(tmp_path, tmp_path / "hf", 1)
 
 

@@ -98,3 +98,17 @@ def test_te_layers_accumulate_into_megatron_buffers(train_dataset, tmp_path):
     te = "precision.linear_impl=te"
     reference = train(tmp_path / "zero1", train_dataset, "zero1", te)
     assert_close(train(tmp_path / "megatron", train_dataset, "megatron", te), reference)
+
+
+@two_gpus
+def test_te_checkpoint_under_expert_parallelism_resumes_on_the_local_backend(
+    reference, train_dataset, tmp_path
+):
+    """Under EP the TE backend's checkpoint keys are the local backend's (its fused norms are saved as
+    q_norm / kv_norm), so a TE run at EP=2 resumes on the local backend on one GPU, on course."""
+    te = ["precision.linear_impl=te", "parallel.expert=2"]
+    train(tmp_path, train_dataset, "megatron", *te, f"train.steps={STEPS // 2}", nproc=2)
+    curve = train(tmp_path, train_dataset, "megatron")
+    assert sorted(curve) == sorted(reference)
+    worst = max(abs(curve[s] - reference[s]) / reference[s] for s in reference)
+    assert worst < 1e-2, f"curves differ by {worst:.2e}: {curve} vs {reference}"
