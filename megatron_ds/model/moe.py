@@ -124,7 +124,8 @@ def _grouped_mm(x: torch.Tensor, weights: torch.Tensor, groups: torch.Tensor | l
     if isinstance(groups, torch.Tensor):
         return torch._grouped_mm(x, weights, offs=groups)
     chunks = x.split(groups)
-    return torch.cat([chunk @ weights[e] for e, chunk in enumerate(chunks)]) if chunks else x[:0]
+    per_expert = weights.unbind(0)  # one stack in the backward; weights[e] would zero-fill all E per expert
+    return torch.cat([chunk @ w for chunk, w in zip(chunks, per_expert)]) if chunks else x[:0]
 
 
 class LocalDispatcher:
