@@ -13,6 +13,7 @@ from megatron_ds.precision import transformer_engine_available
 
 pytestmark = [
     pytest.mark.gpu,
+    pytest.mark.two_gpus,
     pytest.mark.skipif(
         torch.cuda.device_count() < 2 or not transformer_engine_available(),
         reason="needs 2 CUDA GPUs and Transformer Engine",

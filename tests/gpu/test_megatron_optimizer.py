@@ -16,7 +16,11 @@ STEPS = 8
 # Adam's first steps amplify float rounding; fp32 kernels on the GPU are not bit-deterministic.
 RTOL = 1e-4
 GPU = ["train.deterministic=false", f"train.steps={STEPS}"]
-two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+
+
+def two_gpus(test):
+    needs_two = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+    return pytest.mark.two_gpus(needs_two(test))
 
 
 def train(run_dir, dataset, impl: str, *overrides: str, nproc: int = 1) -> dict[int, float]:

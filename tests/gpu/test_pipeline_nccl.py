@@ -15,6 +15,7 @@ import torch
 
 pytestmark = [
     pytest.mark.gpu,
+    pytest.mark.two_gpus,
     pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"),
 ]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parallel"))
