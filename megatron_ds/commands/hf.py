@@ -74,11 +74,11 @@ def export_hf(checkpoint: str | Path, out: str | Path, max_shard_bytes: int) -> 
     extra = read_state(path)["extra"]
     if "config" not in extra:
         raise CheckpointError(f"checkpoint {path} does not record its config; cannot rebuild the model")
-    if parameter_naming(extra["config"]) != parameter_naming({}):
+    saved, local = parameter_naming(extra["config"]), parameter_naming({})  # {}: the default backend
+    if saved != local:
         raise CheckpointError(
-            f"checkpoint {path} was saved with {parameter_naming(extra['config'])}, whose routed experts "
-            "export-hf does not read yet (docs/checkpointing.md, Limits); export a checkpoint of a run "
-            f"with {parameter_naming({})}"
+            f"checkpoint {path} was saved with {saved}, whose routed experts export-hf does not read yet "
+            f"(docs/checkpointing.md, Limits); export a checkpoint of a run with {local}"
         )
     cfg = export_config(extra["config"])
     model = build_model(cfg, "cpu", ModelGroups())
