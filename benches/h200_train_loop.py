@@ -83,6 +83,23 @@ def optimizer_share(preset: str, steps: int, device: str, overrides: list[str]) 
             splits.append((middle - start, end - middle, float(grad_norm)))
     forward_backward = statistics.median(s[0] for s in splits)
     optim = statistics.median(s[1] for s in splits)
+    phases = []  # two more steps, the GPU drained between the optimizer's phases: where its time goes
+    for _ in range(2):
+        for _ in range(n_micro):
+            out = model(tokens[:, :-1], labels=tokens[:, 1:])
+            ((out.lm_loss + 0.3 * out.mtp_loss) / n_micro).backward()
+        durations = []
+        for phase in (
+            lambda: grad_norm.copy_(optimizer.reduce_gradients()),  # reduction + norm
+            lambda: optimizer.step(1e-4, grad_norm),  # clip + AdamW + parameter update
+            optimizer.zero_grad,
+        ):
+            _sync(device)
+            start = time.perf_counter()
+            phase()
+            _sync(device)
+            durations.append(time.perf_counter() - start)
+        phases.append(durations)
     result = {
         "preset": preset,
         "optimizer_impl": cfg.train.optimizer_impl,
@@ -94,6 +111,9 @@ def optimizer_share(preset: str, steps: int, device: str, overrides: list[str]) 
         "micro_batches_per_step": n_micro,
         "forward_backward_s": forward_backward,
         "optimizer_s": optim,
+        "reduce_and_norm_s": statistics.median(p[0] for p in phases),
+        "clip_and_adamw_s": statistics.median(p[1] for p in phases),
+        "zero_grad_s": statistics.median(p[2] for p in phases),
         "optimizer_share": optim / (forward_backward + optim),
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0,
     }
