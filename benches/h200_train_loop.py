@@ -7,8 +7,9 @@ asynchronous checkpoint save blocks the loop.
    (`--optimizer-impl`: megatron = Megatron-Core DDP + distributed optimizer, zero1 = ours): gradient
    reduction, global-norm clip, AdamW with fp32 master weights and the preset's moments (BF16, as
    the report trains; fp32 with the override precision.bf16_optimizer_moments=false). Reports the
-   median split over `--steps` steps after a warm-up, and each step's gradient norm (clipping is a
-   pass over the gradients only when the norm exceeds train.grad_clip).
+   median split over `--steps` steps after a warm-up, each step's gradient norm (clipping is a
+   pass over the gradients only when the norm exceeds train.grad_clip), and, from two more steps
+   with the GPU drained between them, the optimizer's phases: reduction + norm, clip + AdamW, zeroing.
 2. Async save: megatron_ds.checkpoint.Checkpointer(async_save=True) saving model + optimizer state of
    a model cut to `--save-layers` layers (the full dsv3-bench state, ~79 GB, does not fit the 64 GB
    disk of the device machine twice); the blocking time is the GPU -> CPU snapshot (pinned buffers),
