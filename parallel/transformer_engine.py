@@ -5,7 +5,8 @@ normalisation and the attention core stay in BF16/FP32):
 - every projection of MLA, the dense FFNs, the shared experts and MTP's eh_proj become `te.Linear`;
 - MLA's up-projections absorb the RMSNorm before them: q_norm + wq_b and kv_norm + wkv_b become one
   `te.LayerNormLinear` each (fused norm + cast + GEMM), and the model's q_norm / kv_norm become identities;
-- the routed experts become `TEGroupedExperts`: three `te.GroupedLinear` (gate w1, up w3, down w2).
+- the routed experts become `TEGroupedExperts`: three `te.GroupedLinear` (gate w1, up w3, down w2);
+- MLA's attention core becomes `TEAttention`, TE's DotProductAttention (BF16, as the report keeps it).
 Under `te.autocast` (megatron_ds.precision.forward_context) these run in FP8; without it, in the
 parameters' dtype.
 
@@ -30,7 +31,7 @@ from torch import nn
 
 from megatron_ds.checkpoint.sharding import mark_renamed
 from megatron_ds.config import Config
-from megatron_ds.model.attention import MLA
+from megatron_ds.model.attention import MLA, Attention
 from megatron_ds.model.moe import GroupedExperts, MoE
 from megatron_ds.model.norm import MLP, swiglu
 from megatron_ds.model.transformer import MTPModule
@@ -49,6 +50,27 @@ def _fp8_enabled() -> bool:
     from transformer_engine.pytorch.quantization import FP8GlobalStateManager
 
     return FP8GlobalStateManager.is_fp8_enabled()
+
+
+class TEAttention(nn.Module):
+    """MLA's attention core on TE's DotProductAttention (its fused cuDNN kernels take queries and keys
+    of one head width and values of another). Document masks (data.document_masking) go to the local
+    core: TE would need them as packed sequence offsets."""
+
+    def __init__(self, n_heads: int, qk_head_dim: int, v_head_dim: int, softmax_scale: float):
+        super().__init__()
+        import transformer_engine.pytorch as te
+
+        self.core = te.DotProductAttention(
+            n_heads, (qk_head_dim, v_head_dim), qkv_format="bshd", attn_mask_type="causal",
+            softmax_scale=softmax_scale,
+        )  # fmt: skip
+        self.masked = Attention()
+
+    def forward(self, q, k, v, attn_mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+        if attn_mask is not None:
+            return self.masked(q, k, v, attn_mask, scale)
+        return self.core(q, k, v.contiguous()).flatten(2)  # the scale was given at construction
 
 
 class TEGroupedExperts(nn.Module):
@@ -130,6 +152,8 @@ def apply_transformer_engine(model: nn.Module, cfg: Config, tp_group=None) -> No
             module.wkv_b = _norm_linear(module.kv_norm, module.wkv_b, dtype, device)
             module.kv_norm = nn.Identity()
             mark_renamed(module.wkv_b.layer_norm_weight, "wkv_b.layer_norm_weight", "kv_norm.weight")
+            a = module.args
+            module.attention = TEAttention(a.n_heads, a.qk_head_dim, a.v_head_dim, module.softmax_scale)
         elif isinstance(module, MLP):
             for name in ("w1", "w3", "w2"):
                 setattr(module, name, _linear(getattr(module, name), dtype, device))

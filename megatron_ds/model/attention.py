@@ -34,6 +34,7 @@ class MLA(nn.Module):
             args.kv_lora_rank, args.n_heads * (args.qk_nope_head_dim + args.v_head_dim), bias=False
         )
         self.wo = nn.Linear(args.n_heads * args.v_head_dim, args.dim, bias=False)
+        self.attention = Attention()
 
     def forward(self, x: torch.Tensor, rope, attn_mask: torch.Tensor | None) -> torch.Tensor:
         a = self.args
@@ -49,15 +50,7 @@ class MLA(nn.Module):
         k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(-1, -1, k_nope.size(2), -1)], dim=-1)
 
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            attn_mask=attn_mask,
-            is_causal=attn_mask is None,
-            scale=self.softmax_scale,
-        )
-        return self.wo(out.transpose(1, 2).flatten(2))
+        return self.wo(self.attention(q, k, v, attn_mask, self.softmax_scale))
 
     # The up-projections of the latents, which selective recomputation may replay (report 3.2.3).
     def q_up(self, c_q: torch.Tensor) -> torch.Tensor:
@@ -65,6 +58,22 @@ class MLA(nn.Module):
 
     def kv_up(self, c_kv: torch.Tensor) -> torch.Tensor:
         return self.wkv_b(self.kv_norm(c_kv))
+
+
+class Attention(nn.Module):
+    """Softmax attention over [batch, seq, heads, dim] inputs (queries and keys 192 wide, values 128 in
+    DeepSeek-V3), causal unless a mask is given; returns [batch, seq, heads * value dim]."""
+
+    def forward(self, q, k, v, attn_mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=attn_mask,
+            is_causal=attn_mask is None,
+            scale=scale,
+        )
+        return out.transpose(1, 2).flatten(2)
 
 
 def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
