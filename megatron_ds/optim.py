@@ -13,9 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megatron_ds.checkpoint.sharding import canonical_name
 from megatron_ds.config import Config
-from megatron_ds.model.init import SHARD_ATTR, SHARD_GROUP_ATTR
+from megatron_ds.model.init import EXPERT_SLICE_ATTR, SHARD_ATTR, SHARD_GROUP_ATTR, canonical_name
 from parallel.data_parallel import (
     gradient_groups_from_parallel_state,
     reduce_gradients,
@@ -72,7 +71,7 @@ class ZeroAdamW:
         if p.dtype != torch.float32:
             state["master"] = p.detach().float().clone()
         for tensor in state.values():  # sharded like the parameter, for checkpoint resharding
-            for attr in (SHARD_ATTR, SHARD_GROUP_ATTR):
+            for attr in (SHARD_ATTR, SHARD_GROUP_ATTR, EXPERT_SLICE_ATTR):
                 if hasattr(p, attr):
                     setattr(tensor, attr, getattr(p, attr))
         return state

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from megatron_ds.model.init import EXPERT_SLICE_ATTR
 from megatron_ds.model.moe import GroupedExperts
 
 
@@ -44,6 +45,7 @@ def gradient_groups_from_parallel_state() -> GradientGroups:
 def split_expert_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(dense, routed-expert) parameters that require gradients."""
     expert_ids = {id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
+    expert_ids |= {id(p) for p in model.parameters() if hasattr(p, EXPERT_SLICE_ATTR)}  # TE's experts
     dense, experts = [], []
     for param in model.parameters():
         if param.requires_grad:

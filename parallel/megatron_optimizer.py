@@ -25,8 +25,9 @@ between the backends and between data-parallel sizes.
 import torch
 from torch import nn
 
-from megatron_ds.checkpoint.sharding import canonical_name, mark_flat_range
+from megatron_ds.checkpoint.sharding import mark_flat_range
 from megatron_ds.config import Config, ConfigError
+from megatron_ds.model.init import canonical_name
 from megatron_ds.optim import STAGE_COPIES_ATTR
 from parallel.data_parallel import split_expert_parameters
 from parallel.parallelize import DTYPES

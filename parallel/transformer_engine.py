@@ -16,22 +16,21 @@ backend's in two places, and `copy_local_weights` applies this mapping:
 - `attn.q_norm.weight` -> `attn.wq_b.layer_norm_weight`,
   `attn.kv_norm.weight` -> `attn.wkv_b.layer_norm_weight`: marked (checkpoint.sharding.mark_renamed)
   so that checkpoints hold them under the local names;
-- `ffn.experts.w{1,2,3}[e]` ([in, out]) -> `ffn.experts.w{1,2,3}.weight{e}` ([out, in], transposed):
-  checkpoints keep these TE names, so a TE run without expert parallelism has its own keys.
+- `ffn.experts.w{1,2,3}[e]` ([in, out]) -> `ffn.experts.w{1,2,3}.weight{i}` ([out, in], transposed;
+  i = e - first, the rank's first expert under expert parallelism): marked as slices of the stacked
+  weight (model.init.mark_expert_slice), so each expert initialises to the local backend's values and
+  checkpoints hold the stacked tensor.
 Every other parameter keeps its name and value.
 
 Scope: one tensor-parallel rank (config validation rejects linear_impl=te with parallel.tensor > 1).
-Under expert parallelism the routed experts keep `LocalExperts` (BF16 torch._grouped_mm), whose
-shard marks the checkpoint and the layout-independent initialisation rely on; the projections
-around them still use TE.
 """
 
 import torch
 from torch import nn
 
-from megatron_ds.checkpoint.sharding import mark_renamed
 from megatron_ds.config import Config
 from megatron_ds.model.attention import MLA, Attention
+from megatron_ds.model.init import mark_expert_slice, mark_renamed
 from megatron_ds.model.moe import GroupedExperts, MoE
 from megatron_ds.model.norm import MLP, swiglu
 from megatron_ds.model.transformer import MTPModule
@@ -76,15 +75,22 @@ class TEAttention(nn.Module):
 class TEGroupedExperts(nn.Module):
     """The routed experts' SwiGLU FFNs on TE's grouped GEMM (FP8 under te.autocast)."""
 
-    def __init__(self, n_experts: int, dim: int, inter_dim: int, dtype: torch.dtype, device):
+    def __init__(self, experts: GroupedExperts, dtype: torch.dtype, device):
+        """Experts [first, first + n_local) of n_experts, as `experts` (the local backend's) holds them."""
         super().__init__()
         import transformer_engine.pytorch as te
 
+        n_local, dim, inter_dim = experts.w1.shape
+        first, n_experts = getattr(experts, "first", 0), getattr(experts, "n_experts", n_local)
         kw = dict(bias=False, params_dtype=dtype, device=device, init_method=_skip_init)
-        self.w1 = te.GroupedLinear(n_experts, dim, inter_dim, **kw)  # gate
-        self.w3 = te.GroupedLinear(n_experts, dim, inter_dim, **kw)  # up
-        self.w2 = te.GroupedLinear(n_experts, inter_dim, dim, **kw)  # down
-        self.n_local_experts = n_experts
+        self.w1 = te.GroupedLinear(n_local, dim, inter_dim, **kw)  # gate
+        self.w3 = te.GroupedLinear(n_local, dim, inter_dim, **kw)  # up
+        self.w2 = te.GroupedLinear(n_local, inter_dim, dim, **kw)  # down
+        self.n_local_experts = n_local
+        for name in ("w1", "w3", "w2"):  # each expert's [out, in] weight is a slice of the local [E, in, out]
+            for e in range(n_local):
+                weight = getattr(self, name).get_parameter(f"weight{e}")
+                mark_expert_slice(weight, f"{name}.weight{e}", name, first + e, n_experts)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x holds tokens sorted by local expert; counts[e] of them belong to expert e."""
@@ -131,7 +137,7 @@ def _norm_linear(norm: nn.Module, linear: nn.Linear, dtype, device):
 
 
 def apply_transformer_engine(model: nn.Module, cfg: Config, tp_group=None) -> None:
-    """Swap the model's projections (and its routed experts, without EP) for TE modules, in place.
+    """Swap the model's projections, attention cores and routed experts for TE modules, in place.
 
     Call after the model is materialised on its CUDA device and before init_weights; the new
     modules are allocated there in the model's dtype.
@@ -159,9 +165,8 @@ def apply_transformer_engine(model: nn.Module, cfg: Config, tp_group=None) -> No
                 setattr(module, name, _linear(getattr(module, name), dtype, device))
         elif isinstance(module, MTPModule):
             module.eh_proj = _linear(module.eh_proj, dtype, device)
-        elif isinstance(module, MoE) and type(module.experts) is GroupedExperts:
-            e = module.experts
-            module.experts = TEGroupedExperts(e.n_local_experts, e.w1.size(1), e.w1.size(2), dtype, device)
+        elif isinstance(module, MoE) and isinstance(module.experts, GroupedExperts):
+            module.experts = TEGroupedExperts(module.experts, dtype, device)
 
 
 def te_name(local_name: str, n_experts: int) -> list[tuple[str, int | None]]:

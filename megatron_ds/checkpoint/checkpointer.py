@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from megatron_ds.checkpoint.sharding import MeshCache, canonical_name, dcp_state, full_shape, part_of
+from megatron_ds.checkpoint.sharding import MeshCache, dcp_key, dcp_state, full_shape, part_of
 from megatron_ds.checkpoint.storage import (
     METADATA_FILE,
     CheckpointError,
@@ -35,6 +35,7 @@ from megatron_ds.checkpoint.storage import (
     read_metadata,
 )
 from megatron_ds.config import CheckpointConfig
+from megatron_ds.model.init import canonical_name
 
 LATEST = "latest"
 STATE_FILE = "state.json"
@@ -49,7 +50,7 @@ EXTRA_STATE_SUFFIX = "_extra_state"  # torch's state-dict key for nn.Module.get_
 
 def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Parameters (as Parameter objects, with their shard marks) and persistent buffers as "model.<name>",
-    each under the local backend's name (sharding.canonical_name).
+    each under the local backend's name (model.init.canonical_name; expert slices as `<stacked>#<e>`).
 
     Modules' extra state is left out: Transformer Engine returns a fresh tensor there (its FP8 scaling
     history, empty for the blockwise and current recipes), which an in-place load could not restore.
@@ -139,16 +140,6 @@ def config_differences(saved: dict, current: dict, prefix: str = "model") -> lis
         if a != b:
             lines.append(f"{prefix}.{key}: checkpoint {a!r}, this run {b!r}")
     return lines
-
-
-def parameter_naming(config: dict) -> str:
-    """The settings that decide a run's checkpoint keys: without expert parallelism the TE backend keeps
-    each routed expert as its own GroupedLinear weight (parallel/transformer_engine.py); every other
-    parameter is saved under the local backend's name."""
-    te = config.get("precision", {}).get("linear_impl") == "te"
-    if te and config.get("parallel", {}).get("expert", 1) == 1:
-        return "precision.linear_impl=te with parallel.expert=1"
-    return "precision.linear_impl=local, or te with parallel.expert>1"
 
 
 @torch.no_grad()
@@ -294,13 +285,6 @@ class Checkpointer:
         metadata = read_metadata(path / METADATA_FILE)
         check_files(path, metadata)
         wanted, problem = self._select(path, tensors, metadata.state_dict_metadata)
-        if problem and config_dict is not None and "config" in extra:
-            saved, current = parameter_naming(extra["config"]), parameter_naming(config_dict)
-            if saved != current:
-                problem += (
-                    f"It was saved with {saved} and this run uses {current}, which name their parameters "
-                    f"differently; checkpoints do not convert between them yet: resume with {saved}."
-                )
         self._agree_on(problem)
         dcp_tensors, staged = dcp_state(wanted, self._meshes, copy=False)
         try:
@@ -325,13 +309,15 @@ class Checkpointer:
         has_optimizer = any(k.startswith("optim.") for k in stored)
         wanted, missing, wrong = {}, [], []
         for key, tensor in tensors.items():
-            if key not in stored:
+            saved = stored.get(dcp_key(key))
+            if saved is None:
                 if has_optimizer or not key.startswith("optim."):
-                    missing.append(key)
+                    missing.append(dcp_key(key))
                 continue
-            if tuple(full_shape(tensor)) != tuple(stored[key].size):
-                shapes = f"checkpoint {tuple(stored[key].size)}, model {tuple(full_shape(tensor))}"
-                wrong.append(f"{key}: {shapes}")
+            if tuple(full_shape(tensor)) != tuple(saved.size):
+                wrong.append(
+                    f"{dcp_key(key)}: checkpoint {tuple(saved.size)}, model {tuple(full_shape(tensor))}"
+                )
             wanted[key] = tensor
         problem = ""
         if missing:

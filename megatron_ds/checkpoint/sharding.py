@@ -14,6 +14,8 @@ tensor that the range covers, so it reads and writes the same checkpoint keys as
 """
 
 import math
+import re
+from collections import defaultdict
 
 import torch
 import torch.distributed as dist
@@ -25,29 +27,16 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from megatron_ds.checkpoint.storage import CheckpointError
-from megatron_ds.model.init import SHARD_ATTR, SHARD_GROUP_ATTR
+from megatron_ds.model.init import EXPERT_SLICE_ATTR, SHARD_ATTR, SHARD_GROUP_ATTR
 
 FLAT_RANGE_ATTR = "mds_flat_range"
-# (name suffix in this model, the local backend's suffix): a parameter another backend names differently
-RENAMED_ATTR = "mds_renamed"
-
-
-def mark_renamed(param: torch.Tensor, here: str, canonical: str) -> None:
-    """`param`, whose name ends in `here` in this model, is saved under the local backend's name, which
-    ends in `canonical` instead: checkpoints of both backends then hold the same keys."""
-    setattr(param, RENAMED_ATTR, (here, canonical))
-
-
-def canonical_name(name: str, param: torch.Tensor) -> str:
-    """The name `param` (called `name` in its model) has in checkpoints."""
-    here, canonical = getattr(param, RENAMED_ATTR, ("", ""))
-    return name.removesuffix(here) + canonical if here and name.endswith(here) else name
+_EXPERT_INDEX = re.compile(r"#\d+")
 
 
 def mark_flat_range(tensor: torch.Tensor, start: int, stop: int, of: torch.Tensor) -> None:
     """`tensor` (1-D) holds elements [start, stop) of `of` flattened; it inherits of's shard mark."""
     setattr(tensor, FLAT_RANGE_ATTR, (start, stop, tuple(of.shape)))
-    for attr in (SHARD_ATTR, SHARD_GROUP_ATTR):
+    for attr in (SHARD_ATTR, SHARD_GROUP_ATTR, EXPERT_SLICE_ATTR):
         if hasattr(of, attr):
             setattr(tensor, attr, getattr(of, attr))
 
@@ -95,8 +84,17 @@ def local_shape(tensor: torch.Tensor) -> torch.Size:
     return torch.Size(flat[2]) if flat is not None else tensor.shape
 
 
+def dcp_key(key: str) -> str:
+    """The checkpoint key of `key`: expert slices (`...experts.w1#5`) belong to their stacked tensor."""
+    return _EXPERT_INDEX.sub("", key)
+
+
 def full_shape(tensor: torch.Tensor) -> torch.Size:
     """The shape of the whole tensor this (possibly sharded) local tensor belongs to."""
+    expert = getattr(tensor, EXPERT_SLICE_ATTR, None)
+    if expert is not None:  # [out, in] slice of a stacked [experts, in, out]
+        d_out, d_in = local_shape(tensor)
+        return torch.Size([expert[1], d_in, d_out])
     shape = list(local_shape(tensor))
     shard = getattr(tensor, SHARD_ATTR, None)
     if shard is not None:
@@ -176,14 +174,69 @@ def _flat_range_view(name: str, tensor: torch.Tensor, local: torch.Tensor) -> Sh
         box = local[cursor : cursor + n].view(sizes)
         shards.append(LocalShard.from_tensor_and_offsets(box, [o + d for o, d in zip(offsets, offset)], rank))
         cursor += n
-    elsewhere = f"rank:{(rank + 1) % world}/{local.device}"
+    return _sharded(shards, rest, full, local)
+
+
+def _sharded(shards: list, rest: list, full, like: torch.Tensor) -> ShardedTensor:
+    """A ShardedTensor of this rank's `shards`; `rest`, the boxes it lacks, are listed as another rank's."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    elsewhere = f"rank:{(rank + 1) % world}/{like.device}"
     metadata = ShardedTensorMetadata(
         [s.metadata for s in shards] + [ShardMetadata(o, n, elsewhere) for o, n in rest],
         full,
-        TensorProperties(dtype=local.dtype, layout=local.layout, requires_grad=False,
-                         memory_format=torch.contiguous_format, pin_memory=local.is_pinned()),
+        TensorProperties(dtype=like.dtype, layout=like.layout, requires_grad=False,
+                         memory_format=torch.contiguous_format, pin_memory=like.is_pinned()),
     )  # fmt: skip
     return ShardedTensor._init_from_local_shards_and_global_metadata(shards, metadata)
+
+
+def _slice_boxes(tensor: torch.Tensor, local: torch.Tensor):
+    """An expert slice (whole, or a flat range of it) as boxes of the stacked tensor: for each box its
+    offsets there and the [out, in] view of `local` it holds; then the boxes of its expert it lacks."""
+    expert = getattr(tensor, EXPERT_SLICE_ATTR)[0]
+    shape = tuple(local_shape(tensor))  # [out, in]
+    numel = math.prod(shape)
+    start, stop = getattr(tensor, FLAT_RANGE_ATTR, (0, numel))[:2]
+    flat, cursor, held = local.reshape(-1), 0, []
+    for (o, i), sizes in flat_range_boxes(start, stop, shape):
+        held.append(([expert, i, o], flat[cursor : cursor + math.prod(sizes)].view(sizes)))
+        cursor += math.prod(sizes)
+    lacking = flat_range_boxes(0, start, shape) + flat_range_boxes(stop, numel, shape)
+    return held, [([expert, i, o], [1, n_in, n_out]) for (o, i), (n_out, n_in) in lacking]
+
+
+def _expert_slices(key: str, parts: list, buffers: dict, copy: bool, staged: list):
+    """This rank's expert slices of one stacked tensor, copied into its layout ([1, in, out] boxes,
+    contiguous, as DCP requires; (slice view, box) pairs go to `staged` for the copy back after a
+    load): the stacked tensor itself in a single process, else a ShardedTensor of the boxes."""
+    full = full_shape(parts[0][1])
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    whole = None if distributed else _buffer(buffers, key, full, parts[0][1].dtype, False)
+    shards, rest, experts = [], [], set()
+    rank = dist.get_rank() if distributed else 0
+    for name, tensor in parts:
+        local = tensor.detach()
+        pin = copy and local.is_cuda and distributed
+        held, lacking = _slice_boxes(tensor, local)
+        for k, (offsets, view) in enumerate(held):
+            e, i, o = offsets
+            n_out, n_in = view.shape
+            if whole is None:
+                box = _buffer(buffers, f"{name}/{k}", (1, n_in, n_out), local.dtype, pin)
+                shards.append(LocalShard.from_tensor_and_offsets(box, offsets, rank))
+            else:
+                box = whole[e : e + 1, i : i + n_in, o : o + n_out]
+            box.copy_(view.t().unsqueeze(0), non_blocking=pin)
+            staged.append((view, box[0].t()))
+        experts.add(getattr(tensor, EXPERT_SLICE_ATTR)[0])
+        rest += lacking
+    rest += [([e, 0, 0], [1, *full[1:]]) for e in range(full[0]) if e not in experts]
+    if whole is not None:
+        if rest:
+            raise CheckpointError(f"{key}: a single process holds only some of its experts' weights")
+        return whole
+    return _sharded(shards, rest, full, shards[0].tensor)
 
 
 def dcp_state(tensors: dict[str, torch.Tensor], meshes: MeshCache, copy: bool, buffers: dict | None = None):
@@ -196,17 +249,27 @@ def dcp_state(tensors: dict[str, torch.Tensor], meshes: MeshCache, copy: bool, b
     Snapshots of GPU tensors go to pinned memory, all copies in flight at once, one wait at the end.
     """
     buffers = {} if buffers is None else buffers
-    state, staged = {}, []
+    state, staged, slices = {}, [], defaultdict(list)
     for name, tensor in tensors.items():
         local = tensor.detach()
+        if hasattr(tensor, EXPERT_SLICE_ATTR):
+            slices[dcp_key(name)].append((name, tensor))
+            continue
         if copy or local.device.type != "cpu":
             pin = copy and local.is_cuda
-            buffer = buffers.get(name)
-            if buffer is None or buffer.shape != local.shape or buffer.dtype != local.dtype:
-                buffer = buffers[name] = torch.empty(local.shape, dtype=local.dtype, pin_memory=pin)
-            local = buffer.copy_(local, non_blocking=pin)
+            local = _buffer(buffers, name, local.shape, local.dtype, pin).copy_(local, non_blocking=pin)
             staged.append((tensor, local))
         state[name] = dcp_view(name, tensor, local, meshes)
+    for key, parts in slices.items():
+        state[key] = _expert_slices(key, parts, buffers, copy, staged)
     if any(target.is_cuda for target, _ in staged):
         torch.cuda.synchronize()
     return state, staged
+
+
+def _buffer(buffers: dict, name: str, shape, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """buffers[name], reallocated when its shape or dtype no longer match."""
+    buffer = buffers.get(name)
+    if buffer is None or tuple(buffer.shape) != tuple(shape) or buffer.dtype != dtype:
+        buffer = buffers[name] = torch.empty(shape, dtype=dtype, pin_memory=pin)
+    return buffer

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from megatron_ds.checkpoint import Checkpointer, CheckpointError, model_tensors, resolve_checkpoint
-from megatron_ds.checkpoint.checkpointer import LATEST, parameter_naming, read_state
+from megatron_ds.checkpoint.checkpointer import LATEST, read_state
 from megatron_ds.config import (
     Config,
     ConfigError,
@@ -74,12 +74,6 @@ def export_hf(checkpoint: str | Path, out: str | Path, max_shard_bytes: int) -> 
     extra = read_state(path)["extra"]
     if "config" not in extra:
         raise CheckpointError(f"checkpoint {path} does not record its config; cannot rebuild the model")
-    saved, local = parameter_naming(extra["config"]), parameter_naming({})  # {}: the default backend
-    if saved != local:
-        raise CheckpointError(
-            f"checkpoint {path} was saved with {saved}, whose routed experts export-hf does not read yet "
-            f"(docs/checkpointing.md, Limits); export a checkpoint of a run with {local}"
-        )
     cfg = export_config(extra["config"])
     model = build_model(cfg, "cpu", ModelGroups())
     tensors = model_tensors(model)

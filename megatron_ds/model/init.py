@@ -18,9 +18,35 @@ SHARD_ATTR = "mds_shard"
 SHARD_GROUP_ATTR = "mds_shard_group"
 
 
+# (name suffix in this model, the local backend's suffix): a parameter another backend names differently
+RENAMED_ATTR = "mds_renamed"
+# (expert g, experts E): the parameter is whole[g].T of the local backend's stacked [E, in, out] weight
+EXPERT_SLICE_ATTR = "mds_expert_slice"
+
+
 def mark_shard(param: torch.Tensor, dim: int, start: int, full_size: int, group=None) -> None:
     setattr(param, SHARD_ATTR, (dim, start, full_size))
     setattr(param, SHARD_GROUP_ATTR, group)
+
+
+def mark_renamed(param: torch.Tensor, here: str, canonical: str) -> None:
+    """`param`, whose name ends in `here` in this model, goes by the local backend's name, which ends in
+    `canonical` instead: initialisation and checkpoints then treat both backends alike."""
+    setattr(param, RENAMED_ATTR, (here, canonical))
+
+
+def mark_expert_slice(param: torch.Tensor, here: str, stacked: str, expert: int, n_experts: int) -> None:
+    """`param` ([out, in], whose name ends in `here`) is expert `expert` of the local backend's stacked
+    weight `stacked` ([n_experts, in, out]), transposed. It goes by `<stacked>#<expert>`; initialisation
+    draws it as that expert's slice, and checkpoints assemble the slices into the stacked tensor."""
+    mark_renamed(param, here, f"{stacked}#{expert}")
+    setattr(param, EXPERT_SLICE_ATTR, (expert, n_experts))
+
+
+def canonical_name(name: str, param: torch.Tensor) -> str:
+    """The name `param` (called `name` in its model) has for initialisation and checkpoints."""
+    here, canonical = getattr(param, RENAMED_ATTR, ("", ""))
+    return name.removesuffix(here) + canonical if here and name.endswith(here) else name
 
 
 def _generator(seed: int, name: str, index: int | None = None) -> torch.Generator:
@@ -40,8 +66,13 @@ def init_weights(model: nn.Module, seed: int, std: float) -> None:
     holding experts 64..127 generates only those.
     """
     for name, param in model.named_parameters():
+        name = canonical_name(name, param)
         if param.dim() == 1:
             param.fill_(1.0)
+            continue
+        if hasattr(param, EXPERT_SLICE_ATTR):  # one expert of a stacked weight, transposed
+            stacked, expert = name.rsplit("#", 1)
+            param.copy_(_normal(param.shape[::-1], std, _generator(seed, stacked, int(expert))).t())
             continue
         dim, start, full_size = getattr(param, SHARD_ATTR, (0, 0, param.size(0)))
         if param.dim() == 3:

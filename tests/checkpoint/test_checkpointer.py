@@ -129,24 +129,63 @@ def test_missing_and_misshapen_tensors_are_named(tmp_path):
         ckpt.load(ckpt.latest(), {**tensors(), "model.w": torch.zeros(3, 4)}, None)
 
 
-def test_parameters_named_by_another_backend_say_which_settings_to_resume_with(tmp_path):
-    """Without expert parallelism the TE backend keeps each routed expert as its own weight."""
-    ckpt = Checkpointer(tmp_path, CheckpointConfig())
-    te = {**config(), "precision": {"linear_impl": "te"}, "parallel": {"expert": 1}}
-    ckpt.save(1, {"model.layers.1.ffn.experts.w1.weight0": torch.ones(4, 4)}, {"config": te})
+def te_style_experts(n_experts: int, d_in: int, d_out: int) -> nn.Module:
+    """Routed experts laid out as TE's GroupedLinear keeps them: w1.weight<e> of [out, in], marked as
+    slices of the local backend's stacked w1 ([experts, in, out])."""
+    from megatron_ds.model.init import mark_expert_slice
+
+    experts = nn.Module()
+    experts.w1 = nn.Module()
+    for e in range(n_experts):
+        weight = nn.Parameter(torch.randn(d_out, d_in))
+        mark_expert_slice(weight, f"w1.weight{e}", "w1", e, n_experts)
+        experts.w1.register_parameter(f"weight{e}", weight)
+    return experts
+
+
+def test_expert_slices_save_as_the_stacked_tensor_and_load_from_it(tmp_path):
+    te = te_style_experts(3, 4, 5)
+    assert list(model_tensors(te)) == ["model.w1#0", "model.w1#1", "model.w1#2"]
+    local = nn.Module()
+    local.w1 = nn.Parameter(torch.zeros(3, 4, 5))
+    ckpt = Checkpointer(tmp_path / "te", CheckpointConfig())
+    ckpt.save(1, model_tensors(te), {})
     ckpt.wait()
-    local = {**config(), "precision": {"linear_impl": "local"}, "parallel": {"expert": 1}}
-    with pytest.raises(
-        CheckpointError,
-        match=r"saved with precision.linear_impl=te with parallel.expert=1 "
-        r"and this run uses precision.linear_impl=local.*resume with precision.linear_impl=te",
-    ):
-        ckpt.load(ckpt.latest(), {"model.layers.1.ffn.experts.w1": torch.ones(2, 4, 4)}, local)
+    ckpt.load(ckpt.latest(), model_tensors(local), None)
+    assert torch.equal(local.w1, torch.stack([te.w1.get_parameter(f"weight{e}").t() for e in range(3)]))
+    other = te_style_experts(3, 4, 5)
+    ckpt.load(ckpt.latest(), model_tensors(other), None)  # and back into slices
+    assert all(
+        torch.equal(other.w1.get_parameter(f"weight{e}"), te.w1.get_parameter(f"weight{e}")) for e in range(3)
+    )
+
+
+def test_optimizer_state_of_expert_slices_loads_as_the_stacked_parameters(tmp_path):
+    """Our ZeRO-1 AdamW keeps a slice's moments shaped and marked like the slice."""
+    from megatron_ds.config import load_config
+    from megatron_ds.optim import ZeroAdamW
+
+    cfg = load_config("tiny")
+    te = te_style_experts(3, 4, 5)
+    for p in te.parameters():
+        p.grad = torch.randn_like(p)
+    adamw = ZeroAdamW(te, cfg, lambda p: None)
+    adamw.step(1e-3)
+    ckpt = Checkpointer(tmp_path, CheckpointConfig())
+    ckpt.save(1, {**model_tensors(te), **adamw.state_tensors()}, {})
+    ckpt.wait()
+    local = nn.Module()
+    local.w1 = nn.Parameter(torch.zeros(3, 4, 5))
+    stacked = ZeroAdamW(local, cfg, lambda p: None)
+    ckpt.load(ckpt.latest(), {**model_tensors(local), **stacked.state_tensors()}, None)
+    for slot in ("exp_avg", "exp_avg_sq"):
+        want = torch.stack([adamw.state[f"w1.weight{e}"][slot].t() for e in range(3)])
+        assert torch.equal(stacked.state["w1"][slot], want), slot
 
 
 def test_a_renamed_parameter_is_saved_under_the_local_backends_name(tmp_path):
     """TE's fused norm + linear holds q_norm's weight as wq_b.layer_norm_weight; checkpoints say q_norm."""
-    from megatron_ds.checkpoint.sharding import mark_renamed
+    from megatron_ds.model.init import mark_renamed
 
     te, local = nn.Module(), nn.Module()
     te.wq_b, local.q_norm = nn.Module(), nn.Module()

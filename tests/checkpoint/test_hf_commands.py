@@ -69,17 +69,6 @@ def test_import_refuses_a_run_that_has_checkpoints_and_a_mismatched_model(export
         export_hf(root / "missing", root / "out", 1)
 
 
-def test_export_of_te_experts_without_expert_parallelism_says_it_is_not_supported_yet(tmp_path):
-    from megatron_ds.commands.hf import export_hf
-
-    te = config_to_dict(tiny("precision.linear_impl=te"))
-    ckpt = Checkpointer(tmp_path / "checkpoints", tiny().checkpoint)
-    ckpt.save(1, {"model.layers.1.ffn.experts.w1.weight0": torch.ones(4, 4)}, {"config": te})
-    ckpt.wait()
-    with pytest.raises(CheckpointError, match="te with parallel.expert=1, whose routed experts"):
-        export_hf(tmp_path, tmp_path / "hf", 1)
-
-
 def test_sizes_follow_hugging_face_units():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("500MiB") == 500 * 2**20 and parse_size("123") == 123
     with pytest.raises(ValueError, match="5GB or 500MiB"):

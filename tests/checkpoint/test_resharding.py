@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from megatron_ds.checkpoint import Checkpointer, model_tensors
 from megatron_ds.checkpoint.sharding import flat_range_boxes, mark_flat_range, part_of
 from megatron_ds.config import CheckpointConfig, config_to_dict, load_config
-from megatron_ds.model.init import mark_shard
+from megatron_ds.model.init import mark_expert_slice, mark_shard
 from parallel.parallelize import build_model
 
 SAVED_SEED, OTHER_SEED = 1, 2
@@ -76,6 +76,29 @@ def expert_state(group=None) -> dict[str, torch.Tensor]:
     local = EXPERTS.chunk(group.size())[group.rank()].clone()
     mark_shard(local, 0, group.rank() * local.size(0), EXPERTS.size(0), group)
     return {"experts.w1": local}
+
+
+def expert_slices(rank: int | None = None) -> dict[str, torch.Tensor]:
+    """EXPERTS as TE's GroupedLinear holds them, one [out, in] weight per expert (all of them, or this
+    EP=2 rank's two), and their "exp_avg" (2 x EXPERTS) as a distributed optimizer cuts it: each rank
+    of two a flat half of every expert's."""
+    experts = range(4) if rank is None else range(2 * rank, 2 * rank + 2)
+    state = {}
+    for e in range(4):
+        weight = EXPERTS[e].t().contiguous()
+        mark_expert_slice(weight, f"w1.weight{e}", "w1", e, 4)
+        if e in experts:
+            state[f"experts.w1#{e}"] = weight
+        half = weight.numel() // 2
+        lo, hi = (0, weight.numel()) if rank is None else (rank * half, (rank + 1) * half + rank)
+        moment = (2 * weight).reshape(-1)[lo:hi].clone()
+        mark_flat_range(moment, lo, hi, of=weight)
+        state[f"optim.experts.w1#{e}.exp_avg"] = moment
+    return state
+
+
+def stacked_experts() -> dict[str, torch.Tensor]:
+    return {"experts.w1": EXPERTS.clone(), "optim.experts.w1.exp_avg": 2 * EXPERTS}
 
 
 def scrambled(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -150,6 +173,12 @@ def _world(rank: int, port: int, workdir: str):
         Checkpointer(root / "flat2", cfg).load(root / "flat2", target, None)
         assert_equal(target, flat_optimizer_state(want, 0, 1))
         ps.destroy_model_parallel()
+        # TE-style expert slices: EP=2 weights and DP=2 flat halves of their moments, saved by both
+        # ranks (loaded stacked by one process in the tests below), and loaded from a stacked save.
+        Checkpointer(root / "slices2", cfg).save(5, expert_slices(rank), {})
+        target = scrambled(expert_slices(rank))
+        Checkpointer(root / "stacked1", cfg).load(root / "stacked1", target, None)
+        assert_equal(target, expert_slices(rank))
     except Exception:
         error = traceback.format_exc()
     (root / f"rank{rank}.txt").write_text(error)
@@ -163,6 +192,7 @@ def world_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("reshard")
     params = model_state(SAVED_SEED)
     Checkpointer(root / "dp1", CheckpointConfig()).save(5, {**params, **optimizer_state(params, 0, 1)}, {})
+    Checkpointer(root / "stacked1", CheckpointConfig()).save(5, stacked_experts(), {})
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     mp.start_processes(_world, args=(free_port(), str(root)), nprocs=2, join=True, start_method="fork")
     return root
@@ -194,6 +224,12 @@ def test_flat_ranges_from_two_ranks_load_as_whole_tensors_in_one_process(world_d
     want = optimizer_state(params, 0, 1)
     del want["optim.step"]
     assert_equal(target, want)
+
+
+def test_expert_slices_from_two_ranks_load_as_the_stacked_tensor_in_one_process(world_dir):
+    target = scrambled(stacked_experts())
+    Checkpointer(world_dir / "slices2", CheckpointConfig()).load(world_dir / "slices2", target, None)
+    assert_equal(target, stacked_experts())
 
 
 def test_flat_range_boxes_tile_the_range_in_order():
