@@ -176,6 +176,7 @@ def _world(rank: int, port: int, workdir: str):
         # TE-style expert slices: EP=2 weights and DP=2 flat halves of their moments, saved by both
         # ranks (loaded stacked by one process in the tests below), and loaded from a stacked save.
         Checkpointer(root / "slices2", cfg).save(5, expert_slices(rank), {})
+        Checkpointer(root / "slices_dp2", cfg).save(5, expert_slices(), {})  # replicas: DP=2, EP=1
         target = scrambled(expert_slices(rank))
         Checkpointer(root / "stacked1", cfg).load(root / "stacked1", target, None)
         assert_equal(target, expert_slices(rank))
@@ -226,9 +227,10 @@ def test_flat_ranges_from_two_ranks_load_as_whole_tensors_in_one_process(world_d
     assert_equal(target, want)
 
 
-def test_expert_slices_from_two_ranks_load_as_the_stacked_tensor_in_one_process(world_dir):
+@pytest.mark.parametrize("saved", ["slices2", "slices_dp2"])
+def test_expert_slices_from_two_ranks_load_as_the_stacked_tensor_in_one_process(world_dir, saved):
     target = scrambled(stacked_experts())
-    Checkpointer(world_dir / "slices2", CheckpointConfig()).load(world_dir / "slices2", target, None)
+    Checkpointer(world_dir / saved, CheckpointConfig()).load(world_dir / saved, target, None)
     assert_equal(target, stacked_experts())
 
 
