@@ -53,8 +53,9 @@ def _fp8_enabled() -> bool:
 
 class TEAttention(nn.Module):
     """MLA's attention core on TE's DotProductAttention (its fused cuDNN kernels take queries and keys
-    of one head width and values of another). Document masks (data.document_masking) go to the local
-    core: TE would need them as packed sequence offsets."""
+    of one head width and values of another, in bf16 or fp16). Document masks (data.document_masking)
+    and fp32 runs (tests, debugging) go to the local core: TE would need the masks as packed sequence
+    offsets, and has no fused kernel for fp32."""
 
     def __init__(self, n_heads: int, qk_head_dim: int, v_head_dim: int, softmax_scale: float):
         super().__init__()
@@ -64,11 +65,11 @@ class TEAttention(nn.Module):
             n_heads, (qk_head_dim, v_head_dim), qkv_format="bshd", attn_mask_type="causal",
             softmax_scale=softmax_scale,
         )  # fmt: skip
-        self.masked = Attention()
+        self.local = Attention()
 
     def forward(self, q, k, v, attn_mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-        if attn_mask is not None:
-            return self.masked(q, k, v, attn_mask, scale)
+        if attn_mask is not None or q.dtype == torch.float32:
+            return self.local(q, k, v, attn_mask, scale)
         return self.core(q, k, v.contiguous()).flatten(2)  # the scale was given at construction
 
 
