@@ -66,13 +66,17 @@ def optimizer_share(preset: str, steps: int, device: str, overrides: list[str]) 
     model, optimizer = _model_and_optimizer(cfg, device)
     n_micro = cfg.train.global_batch_size
     tokens = torch.randint(0, cfg.model.vocab_size, (1, cfg.train.seq_len + 1), device=device)
+
+    def forward_backward() -> None:
+        for _ in range(n_micro):
+            out = model(tokens[:, :-1], labels=tokens[:, 1:])
+            ((out.lm_loss + 0.3 * out.mtp_loss) / n_micro).backward()
+
     splits = []
     for step in range(steps + 1):
         _sync(device)
         start = time.perf_counter()
-        for _ in range(n_micro):
-            out = model(tokens[:, :-1], labels=tokens[:, 1:])
-            ((out.lm_loss + 0.3 * out.mtp_loss) / n_micro).backward()
+        forward_backward()
         _sync(device)
         middle = time.perf_counter()
         grad_norm = optimizer.reduce_gradients()
@@ -82,13 +86,9 @@ def optimizer_share(preset: str, steps: int, device: str, overrides: list[str]) 
         end = time.perf_counter()
         if step:  # the first step warms up kernels and allocates optimizer state
             splits.append((middle - start, end - middle, float(grad_norm)))
-    forward_backward = statistics.median(s[0] for s in splits)
-    optim = statistics.median(s[1] for s in splits)
     phases = []  # two more steps, the GPU drained between the optimizer's phases: where its time goes
     for _ in range(2):
-        for _ in range(n_micro):
-            out = model(tokens[:, :-1], labels=tokens[:, 1:])
-            ((out.lm_loss + 0.3 * out.mtp_loss) / n_micro).backward()
+        forward_backward()
         durations = []
         for phase in (
             lambda: grad_norm.copy_(optimizer.reduce_gradients()),  # reduction + norm
@@ -101,6 +101,8 @@ def optimizer_share(preset: str, steps: int, device: str, overrides: list[str]) 
             _sync(device)
             durations.append(time.perf_counter() - start)
         phases.append(durations)
+    forward_backward_s = statistics.median(s[0] for s in splits)
+    optim = statistics.median(s[1] for s in splits)
     result = {
         "preset": preset,
         "optimizer_impl": cfg.train.optimizer_impl,
@@ -110,12 +112,12 @@ def optimizer_share(preset: str, steps: int, device: str, overrides: list[str]) 
         "grad_norms": ", ".join(f"{s[2]:.3g}" for s in splits),
         "grad_clip": cfg.train.grad_clip,
         "micro_batches_per_step": n_micro,
-        "forward_backward_s": forward_backward,
+        "forward_backward_s": forward_backward_s,
         "optimizer_s": optim,
         "reduce_and_norm_s": statistics.median(p[0] for p in phases),
         "clip_and_adamw_s": statistics.median(p[1] for p in phases),
         "zero_grad_s": statistics.median(p[2] for p in phases),
-        "optimizer_share": optim / (forward_backward + optim),
+        "optimizer_share": optim / (forward_backward_s + optim),
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0,
     }
     return result

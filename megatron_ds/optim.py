@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_ds.config import Config
-from megatron_ds.model.init import EXPERT_SLICE_ATTR, SHARD_ATTR, SHARD_GROUP_ATTR, canonical_name
+from megatron_ds.model.init import SHARD_ATTR, canonical_name, copy_layout_marks
 from parallel.data_parallel import (
     gradient_groups_from_parallel_state,
     reduce_gradients,
@@ -71,9 +71,7 @@ class ZeroAdamW:
         if p.dtype != torch.float32:
             state["master"] = p.detach().float().clone()
         for tensor in state.values():  # sharded like the parameter, for checkpoint resharding
-            for attr in (SHARD_ATTR, SHARD_GROUP_ATTR, EXPERT_SLICE_ATTR):
-                if hasattr(p, attr):
-                    setattr(tensor, attr, getattr(p, attr))
+            copy_layout_marks(p, tensor)
         return state
 
     @torch.no_grad()

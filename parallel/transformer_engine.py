@@ -14,7 +14,7 @@ Parameter names and initialisation. megatron_ds.model.init initialises the TE mo
 local one (norm weights 1, matrices N(0, std) seeded by name). The names differ from the local
 backend's in two places, and `copy_local_weights` applies this mapping:
 - `attn.q_norm.weight` -> `attn.wq_b.layer_norm_weight`,
-  `attn.kv_norm.weight` -> `attn.wkv_b.layer_norm_weight`: marked (checkpoint.sharding.mark_renamed)
+  `attn.kv_norm.weight` -> `attn.wkv_b.layer_norm_weight`: marked (model.init.mark_renamed)
   so that checkpoints hold them under the local names;
 - `ffn.experts.w{1,2,3}[e]` ([in, out]) -> `ffn.experts.w{1,2,3}.weight{i}` ([out, in], transposed;
   i = e - first, the rank's first expert under expert parallelism): marked as slices of the stacked

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from megatron_ds.checkpoint.sharding import MeshCache, dcp_key, dcp_state, full_shape, part_of
+from megatron_ds.checkpoint.sharding import MeshCache, dcp_state, full_shape, part_of
 from megatron_ds.checkpoint.storage import (
     METADATA_FILE,
     CheckpointError,
@@ -35,7 +35,7 @@ from megatron_ds.checkpoint.storage import (
     read_metadata,
 )
 from megatron_ds.config import CheckpointConfig
-from megatron_ds.model.init import canonical_name
+from megatron_ds.model.init import canonical_name, stacked_name
 
 LATEST = "latest"
 STATE_FILE = "state.json"
@@ -309,14 +309,15 @@ class Checkpointer:
         has_optimizer = any(k.startswith("optim.") for k in stored)
         wanted, missing, wrong = {}, [], []
         for key, tensor in tensors.items():
-            saved = stored.get(dcp_key(key))
+            stored_key = stacked_name(key)  # expert slices are read from their stacked tensor
+            saved = stored.get(stored_key)
             if saved is None:
                 if has_optimizer or not key.startswith("optim."):
-                    missing.append(dcp_key(key))
+                    missing.append(stored_key)
                 continue
             if tuple(full_shape(tensor)) != tuple(saved.size):
                 wrong.append(
-                    f"{dcp_key(key)}: checkpoint {tuple(saved.size)}, model {tuple(full_shape(tensor))}"
+                    f"{stored_key}: checkpoint {tuple(saved.size)}, model {tuple(full_shape(tensor))}"
                 )
             wanted[key] = tensor
         problem = ""

@@ -14,7 +14,6 @@ tensor that the range covers, so it reads and writes the same checkpoint keys as
 """
 
 import math
-import re
 from collections import defaultdict
 
 import torch
@@ -27,18 +26,21 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from megatron_ds.checkpoint.storage import CheckpointError
-from megatron_ds.model.init import EXPERT_SLICE_ATTR, SHARD_ATTR, SHARD_GROUP_ATTR
+from megatron_ds.model.init import (
+    EXPERT_SLICE_ATTR,
+    SHARD_ATTR,
+    SHARD_GROUP_ATTR,
+    copy_layout_marks,
+    stacked_name,
+)
 
 FLAT_RANGE_ATTR = "mds_flat_range"
-_EXPERT_INDEX = re.compile(r"#\d+")
 
 
 def mark_flat_range(tensor: torch.Tensor, start: int, stop: int, of: torch.Tensor) -> None:
     """`tensor` (1-D) holds elements [start, stop) of `of` flattened; it inherits of's shard mark."""
     setattr(tensor, FLAT_RANGE_ATTR, (start, stop, tuple(of.shape)))
-    for attr in (SHARD_ATTR, SHARD_GROUP_ATTR, EXPERT_SLICE_ATTR):
-        if hasattr(of, attr):
-            setattr(tensor, attr, getattr(of, attr))
+    copy_layout_marks(of, tensor)
 
 
 def flat_range_boxes(start: int, stop: int, shape: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
@@ -82,11 +84,6 @@ def local_shape(tensor: torch.Tensor) -> torch.Size:
     """The shape of this rank's whole shard, of which a flat-range tensor holds a part."""
     flat = getattr(tensor, FLAT_RANGE_ATTR, None)
     return torch.Size(flat[2]) if flat is not None else tensor.shape
-
-
-def dcp_key(key: str) -> str:
-    """The checkpoint key of `key`: expert slices (`...experts.w1#5`) belong to their stacked tensor."""
-    return _EXPERT_INDEX.sub("", key)
 
 
 def full_shape(tensor: torch.Tensor) -> torch.Size:
@@ -251,10 +248,10 @@ def dcp_state(tensors: dict[str, torch.Tensor], meshes: MeshCache, copy: bool, b
     buffers = {} if buffers is None else buffers
     state, staged, slices = {}, [], defaultdict(list)
     for name, tensor in tensors.items():
-        local = tensor.detach()
-        if hasattr(tensor, EXPERT_SLICE_ATTR):
-            slices[dcp_key(name)].append((name, tensor))
+        if hasattr(tensor, EXPERT_SLICE_ATTR):  # gathered per stacked tensor below
+            slices[stacked_name(name)].append((name, tensor))
             continue
+        local = tensor.detach()
         if copy or local.device.type != "cpu":
             pin = copy and local.is_cuda
             local = _buffer(buffers, name, local.shape, local.dtype, pin).copy_(local, non_blocking=pin)

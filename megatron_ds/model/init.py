@@ -6,6 +6,7 @@ therefore holds exactly the weights of the single-process model, which is what m
 sharded-versus-single equivalence tests and checkpoint resharding meaningful.
 """
 
+import re
 import zlib
 
 import torch
@@ -22,11 +23,24 @@ SHARD_GROUP_ATTR = "mds_shard_group"
 RENAMED_ATTR = "mds_renamed"
 # (expert g, experts E): the parameter is whole[g].T of the local backend's stacked [E, in, out] weight
 EXPERT_SLICE_ATTR = "mds_expert_slice"
+_EXPERT_INDEX = re.compile(r"#\d+")  # `<stacked>#<expert>`: how an expert slice is named
 
 
 def mark_shard(param: torch.Tensor, dim: int, start: int, full_size: int, group=None) -> None:
     setattr(param, SHARD_ATTR, (dim, start, full_size))
     setattr(param, SHARD_GROUP_ATTR, group)
+
+
+def copy_layout_marks(source: torch.Tensor, target: torch.Tensor) -> None:
+    """`target` (an optimizer state or a range of one) is laid out like `source`: same shard, same slice."""
+    for attr in (SHARD_ATTR, SHARD_GROUP_ATTR, EXPERT_SLICE_ATTR):
+        if hasattr(source, attr):
+            setattr(target, attr, getattr(source, attr))
+
+
+def stacked_name(name: str) -> str:
+    """The name without expert slice indices (`...experts.w1#5.exp_avg` -> `...experts.w1.exp_avg`)."""
+    return _EXPERT_INDEX.sub("", name)
 
 
 def mark_renamed(param: torch.Tensor, here: str, canonical: str) -> None:
@@ -71,8 +85,8 @@ def init_weights(model: nn.Module, seed: int, std: float) -> None:
             param.fill_(1.0)
             continue
         if hasattr(param, EXPERT_SLICE_ATTR):  # one expert of a stacked weight, transposed
-            stacked, expert = name.rsplit("#", 1)
-            param.copy_(_normal(param.shape[::-1], std, _generator(seed, stacked, int(expert))).t())
+            expert = getattr(param, EXPERT_SLICE_ATTR)[0]
+            param.copy_(_normal(param.shape[::-1], std, _generator(seed, stacked_name(name), expert)).t())
             continue
         dim, start, full_size = getattr(param, SHARD_ATTR, (0, 0, param.size(0)))
         if param.dim() == 3:
