@@ -67,5 +67,5 @@ def build_model(
     if cfg.train.recompute:
         from parallel.recompute import apply_recompute
 
-        apply_recompute(model, cfg.train.recompute)
+        apply_recompute(model, cfg)
     return model

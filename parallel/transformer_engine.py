@@ -5,7 +5,8 @@ normalisation and the attention core stay in BF16/FP32):
 - every projection of MLA, the dense FFNs, the shared experts and MTP's eh_proj become `te.Linear`;
 - MLA's up-projections absorb the RMSNorm before them: q_norm + wq_b and kv_norm + wkv_b become one
   `te.LayerNormLinear` each (fused norm + cast + GEMM), and the model's q_norm / kv_norm become identities;
-- the routed experts become `TEGroupedExperts`: three `te.GroupedLinear` (gate w1, up w3, down w2);
+- the routed experts become `TEGroupedExperts`: three `te.GroupedLinear` (gate w1, up w3, down w2),
+  with GroupedExperts' `down` split (parallel/recompute.py may replay it);
 - MLA's attention core becomes `TEAttention`, TE's DotProductAttention (BF16, as the report keeps it).
 Under `te.autocast` (megatron_ds.precision.forward_context) these run in FP8; without it, in the
 parameters' dtype.
@@ -99,8 +100,12 @@ class TEGroupedExperts(nn.Module):
         rows = None
         if _fp8_enabled():
             x, splits, rows = pad_groups(x, counts, splits, FP8_GROUP_ALIGN)
-        out = self.w2(swiglu(self.w1(x, splits), self.w3(x, splits)), splits)
+        out = self.down(self.w1(x, splits), self.w3(x, splits), splits)
         return out if rows is None else out.index_select(0, rows)
+
+    def down(self, gate: torch.Tensor, up: torch.Tensor, splits: list[int]) -> torch.Tensor:
+        """w2(SwiGLU) per expert, as GroupedExperts.down: the part selective recomputation may replay."""
+        return self.w2(swiglu(gate, up), splits)
 
 
 def pad_groups(x: torch.Tensor, counts: torch.Tensor, splits: list[int], align: int):

@@ -194,11 +194,6 @@ def _train_errors(cfg) -> list[str]:
     if unknown:
         choices = ", ".join(RECOMPUTE_REGIONS)
         errors.append(f"train.recompute names unknown regions {unknown}: choose from {choices}")
-    elif t.recompute and cfg.precision.linear_impl == "te":
-        errors.append(
-            "train.recompute wraps the local backend's modules; with precision.linear_impl=te set "
-            "train.recompute=[] (or use precision.linear_impl=local)"
-        )
     if t.optimizer_impl not in ("auto", "megatron", "zero1"):
         errors.append(f"train.optimizer_impl={t.optimizer_impl!r}: choose auto, megatron or zero1")
     if cfg.checkpoint.keep_last < 1:

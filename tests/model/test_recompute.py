@@ -45,5 +45,14 @@ def test_recompute_keeps_less_and_changes_nothing(baseline, regions):
 def test_recompute_config_is_checked():
     with pytest.raises(ConfigError, match="unknown regions"):
         tiny("attention")
-    with pytest.raises(ConfigError, match="linear_impl=te"):
-        load_config("tiny", overrides=["train.recompute=[norm]", "precision.linear_impl=te"])
+    # The TE backend replays through TE's checkpoint, in FP8 too (tests/gpu/test_te_backend.py).
+    listed = ",".join(REGIONS)
+    te = ["precision.linear_impl=te", "precision.fp8=blockwise", f"train.recompute=[{listed}]"]
+    assert load_config("tiny", overrides=te).train.recompute == list(REGIONS)
+
+
+def test_every_region_names_a_method_of_its_class():
+    """The TE backend's classes (TEGroupedExperts) only run on a GPU: catch a missing method here."""
+    for name, targets in REGIONS.items():
+        for cls, method in targets:
+            assert callable(getattr(cls, method, None)), f"{name}: {cls.__name__} has no {method}"
