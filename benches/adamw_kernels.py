@@ -1,19 +1,15 @@
 """AdamW step kernels on one GPU at a preset's parameter sizes: what bounds the optimizer's share.
 
-The GPU optimizer backend (parallel/megatron_optimizer.py) clips with a separate pass over the fp32
-gradients and then steps with Transformer Engine's FusedAdam (Megatron-Core's precision-aware
-optimizer). On dsv3-bench that Adam kernel ran at 2.5 TB/s whether the moments were fp32 or BF16
-(docs/benchmarks/h200.md, third run), so the bytes are not its limit. This script times the step
-alone on the preset's real parameter sizes, one tensor per parameter as the distributed optimizer
-holds them at DP=1:
+Times the AdamW step alone on the preset's real parameter sizes, one tensor per parameter as the
+distributed optimizer holds them at DP=1, with a clipping step's coefficient:
 
-- te:       TE's multi_tensor_scale over the gradients (the clip), then TE's FusedAdam with fp32
-            master weights and the preset's moments: what the backend runs today;
-- compiled: one Inductor-generated kernel per parameter (torch.compile, dynamic shapes) that reads
-            the clip coefficient from a device scalar, so the clip costs no pass of its own.
+- fused_adamw: parallel.fused_adamw.FusedAdamW, the GPU backend's inner optimizer: one Inductor
+               kernel per parameter that reads the clip coefficient from a device scalar;
+- te:          TE's multi_tensor_scale over the gradients (the clip), then TE's FusedAdam with fp32
+               master weights: what the backend ran up to the third H200 run.
 
 Both read the fp32 gradient, master weight and moments and write the master, the moments and the
-bf16 parameter. `compiled` is checked against `te` (or, without TE, against the same update in eager
+bf16 parameter. fused_adamw is checked against te (without TE: against the same step in eager
 torch) before it is timed.
 
     python3 benches/adamw_kernels.py --preset dsv3-bench                 # on the GPU machine
@@ -26,20 +22,7 @@ from pathlib import Path
 
 import torch
 
-BETA1, BETA2, EPS, WEIGHT_DECAY, LR = 0.9, 0.95, 1e-8, 0.1, 1e-4
-
-
-def adamw_(param, master, grad, exp_avg, exp_avg_sq, scalars) -> None:
-    """One AdamW step in place; scalars = [lr, bias correction 1, bias correction 2, clip coefficient]."""
-    lr, correction1, correction2, clip = scalars.unbind()
-    g = grad * clip
-    m = exp_avg.float() * BETA1 + (1 - BETA1) * g
-    v = exp_avg_sq.float() * BETA2 + (1 - BETA2) * g * g
-    new = master - lr * ((m / correction1) / ((v / correction2).sqrt() + EPS) + WEIGHT_DECAY * master)
-    exp_avg.copy_(m)
-    exp_avg_sq.copy_(v)
-    master.copy_(new)
-    param.copy_(new)
+BETAS, EPS, WEIGHT_DECAY, LR, CLIP = (0.9, 0.95), 1e-8, 0.1, 1e-4, 0.5
 
 
 def parameter_sizes(preset: str) -> tuple[list[int], bool]:
@@ -53,32 +36,38 @@ def parameter_sizes(preset: str) -> tuple[list[int], bool]:
     return [p.numel() for p in model.parameters()], cfg.precision.bf16_optimizer_moments
 
 
-def make_state(sizes: list[int], moments: torch.dtype, device: str, seed: int = 0) -> dict:
+def make_state(sizes: list[int], device: str, seed: int = 0) -> dict:
+    """bf16 parameters, their fp32 masters and gradients, all from one seed."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    state = {"param": [], "master": [], "grad": [], "exp_avg": [], "exp_avg_sq": []}
+    state = {"param": [], "master": [], "grad": []}
     for n in sizes:
         master = torch.randn(n, generator=gen, device=device) * 0.02
         state["master"].append(master)
-        state["param"].append(master.to(torch.bfloat16))
+        state["param"].append(torch.nn.Parameter(master.to(torch.bfloat16)))
         state["grad"].append(torch.randn(n, generator=gen, device=device) * 1e-3)
-        state["exp_avg"].append(torch.zeros(n, dtype=moments, device=device))
-        state["exp_avg_sq"].append(torch.zeros(n, dtype=moments, device=device))
     return state
 
 
-def compiled_step(state: dict, step: int, clip: torch.Tensor, kernel) -> None:
-    scalars = torch.stack([clip.new_tensor(LR), clip.new_tensor(1 - BETA1**step),
-                           clip.new_tensor(1 - BETA2**step), clip])  # fmt: skip
-    for tensors in zip(*(state[k] for k in ("param", "master", "grad", "exp_avg", "exp_avg_sq"))):
-        kernel(*tensors, scalars)
+def fused_adamw(state: dict, moments: torch.dtype, compiled: bool = True):
+    from parallel import fused_adamw as ours
+
+    optimizer = ours.FusedAdamW([{"params": state["param"], "lr": LR, "betas": BETAS, "eps": EPS,
+                                  "weight_decay": WEIGHT_DECAY, "grad_scale": CLIP}], moments)  # fmt: skip
+    if not compiled:  # the reference without TE: the same math in eager torch
+        ours._compiled.update({fn: fn for fn in (ours.adamw_, ours.adamw_to_param_)})
+    for param, master, grad in zip(state["param"], state["master"], state["grad"]):
+        optimizer.initialize_state(param)
+        optimizer.state[param]["master_param"] = master
+        param.decoupled_grad = grad
+    return optimizer
 
 
 def te_optimizer(state: dict, moments: torch.dtype):
     from transformer_engine.pytorch.optimizers import FusedAdam
 
-    params = [torch.nn.Parameter(p) for p in state["param"]]
+    params = state["param"]
     optimizer = FusedAdam(
-        params, lr=LR, betas=(BETA1, BETA2), eps=EPS, weight_decay=WEIGHT_DECAY, adam_w_mode=True,
+        params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, adam_w_mode=True,
         master_weights=True, master_weight_dtype=torch.float32, exp_avg_dtype=moments,
         exp_avg_sq_dtype=moments, use_decoupled_grad=True,
     )  # fmt: skip
@@ -86,16 +75,14 @@ def te_optimizer(state: dict, moments: torch.dtype):
         optimizer.initialize_state(param, store_param_remainders=False)
         optimizer.state[param]["master_param"] = master
         param.decoupled_grad = grad
-    state["exp_avg"] = [optimizer.state[p]["exp_avg"] for p in params]
-    state["exp_avg_sq"] = [optimizer.state[p]["exp_avg_sq"] for p in params]
     return optimizer
 
 
-def te_step(optimizer, state: dict, clip: float) -> None:
+def te_step(optimizer, state: dict) -> None:
     from transformer_engine.pytorch.optimizers import multi_tensor_applier, multi_tensor_scale
 
     overflow = torch.zeros(1, dtype=torch.int, device=state["grad"][0].device)
-    multi_tensor_applier(multi_tensor_scale, overflow, [state["grad"], state["grad"]], clip)
+    multi_tensor_applier(multi_tensor_scale, overflow, [state["grad"], state["grad"]], CLIP)
     optimizer.step()
 
 
@@ -115,19 +102,17 @@ def main() -> None:
     bf16_moments = {"preset": bf16_moments, "fp32": False, "bf16": True}[args.moments]
     moments = torch.bfloat16 if bf16_moments else torch.float32
     device = torch.device(args.device)
-    kernel = torch.compile(adamw_, dynamic=True, fullgraph=True)
-    clip = torch.tensor(0.5, device=device)  # a clipping step: the clip pass runs
 
     # Correctness: one step of each from the same state, on the first parameters (two full states
     # of a 5B model do not fit one GPU).
     sample = [n for i, n in enumerate(sizes) if sum(sizes[:i]) < 200_000_000]
-    ours, reference = (make_state(sample, moments, args.device) for _ in range(2))
-    compiled_step(ours, 1, clip, kernel)
+    ours, reference = (make_state(sample, args.device) for _ in range(2))
+    fused_adamw(ours, moments).step()
     use_te = device.type == "cuda" and transformer_engine_available()
     if use_te:
-        te_step(te_optimizer(reference, moments), reference, float(clip))
+        te_step(te_optimizer(reference, moments), reference)
     else:
-        compiled_step(reference, 1, clip, adamw_)
+        fused_adamw(reference, moments, compiled=False).step()
     worst = max((a - b).abs().max().item() for a, b in zip(ours["master"], reference["master"]))
     del ours, reference
 
@@ -135,18 +120,18 @@ def main() -> None:
     moment_bytes = 2 if bf16_moments else 4
     traffic = n * (4 + 4 + 4 + 2 * 2 * moment_bytes + 2)  # grad, master r/w, moments r/w, bf16 param
     rows = []
-    state, step = make_state(sizes, moments, args.device), iter(range(1, 10**6))
-    rows.append(("compiled", median_ms(lambda: compiled_step(state, next(step), clip, kernel), device,
-                                       warmup=2, iters=args.iters)))  # fmt: skip
-    del state
+    state = make_state(sizes, args.device)
+    optimizer = fused_adamw(state, moments)
+    rows.append(("fused_adamw", median_ms(optimizer.step, device, warmup=2, iters=args.iters)))
+    del state, optimizer
     if use_te:
-        state = make_state(sizes, moments, args.device)
+        state = make_state(sizes, args.device)
         optimizer = te_optimizer(state, moments)
-        rows.append(("te (clip pass + FusedAdam)", median_ms(lambda: te_step(optimizer, state, 0.5), device,
+        rows.append(("te (clip pass + FusedAdam)", median_ms(lambda: te_step(optimizer, state), device,
                                                              warmup=2, iters=args.iters)))  # fmt: skip
     print(
         f"{args.preset}: {len(sizes)} parameters, {n / 1e9:.2f}B elements, moments {moments}, "
-        f"{args.device}; compiled vs {'te' if use_te else 'eager'}: max |master diff| {worst:.2e}"
+        f"{args.device}; fused_adamw vs {'te' if use_te else 'eager'}: max |master diff| {worst:.2e}"
     )
     print(f"{'kernel':30} {'ms':>9} {'GB/s (Adam bytes only)':>24}")
     for name, ms in rows:

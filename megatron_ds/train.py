@@ -101,13 +101,8 @@ def forward_backward(model, cfg: Config, device, batches, n_micro: int, mtp_weig
 def build_optimizer(cfg: Config, model, chunks, device: torch.device, world_size: int):
     """The optimizer backend train.optimizer_impl names (see config/schema.py)."""
     impl = cfg.train.optimizer_impl
-    if impl == "auto":  # Megatron-Core's on GPUs, unless it cannot keep the BF16 moments asked for
-        impl = "zero1"
-        if device.type == "cuda":
-            from parallel.megatron_optimizer import precision_aware_available
-
-            if not cfg.precision.bf16_optimizer_moments or precision_aware_available():
-                impl = "megatron"
+    if impl == "auto":
+        impl = "megatron" if device.type == "cuda" else "zero1"
     if impl == "zero1":
         return ZeroOneOptimizer(model, cfg, world_size)
     if device.type != "cuda":

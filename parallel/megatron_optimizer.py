@@ -7,10 +7,13 @@ parameters. The model itself is unchanged: DDP only hooks its parameters, and Tr
 layers (precision.linear_impl=te) write their weight gradients into those fp32 buffers from the GEMM
 itself (TE's fuse_wgrad_accumulation) instead of a bf16 gradient that a hook then adds.
 
-With Transformer Engine installed this is Megatron-Core's precision-aware optimizer: TE's FusedAdam
-holds the fp32 master weights itself and writes the bf16 parameters in the same kernel (no separate
-main-to-model copy), and the moments may be BF16 (precision.bf16_optimizer_moments, as the report
-trains). Without TE, Megatron-Core falls back to torch's AdamW with fp32 moments.
+The inner optimizer that steps this rank's shards is ours, parallel.fused_adamw.FusedAdamW (one
+generated kernel per shard, with the global-norm clip folded in as a device scalar); it replaces the one
+Megatron-Core builds, keeping its state layout. With Transformer Engine installed the distributed
+optimizer runs in Megatron-Core's precision-aware mode: the inner optimizer keeps the fp32 master
+weights itself and writes the bf16 parameters in the same kernel (no separate main-to-model copy).
+Without TE, Megatron-Core keeps fp32 main shards and copies them to the parameters after the step.
+The moments may be BF16 either way (precision.bf16_optimizer_moments, as the report trains).
 
 Megatron-Core's own rules then decide which gradients are reduced over which group: routed experts
 (marked `allreduce = False`) over the expert-data-parallel group, everything else over data
@@ -26,10 +29,11 @@ import torch
 from torch import nn
 
 from megatron_ds.checkpoint.sharding import mark_flat_range
-from megatron_ds.config import Config, ConfigError
+from megatron_ds.config import Config
 from megatron_ds.model.init import canonical_name
 from megatron_ds.optim import STAGE_COPIES_ATTR
 from parallel.data_parallel import split_expert_parameters
+from parallel.fused_adamw import FusedAdamW
 from parallel.parallelize import DTYPES
 
 
@@ -54,7 +58,7 @@ def _transformer_config(cfg: Config):
 
 
 def precision_aware_available() -> bool:
-    """Whether Megatron-Core's Adam is Transformer Engine's FusedAdam (needed for precision-aware)."""
+    """Whether Megatron-Core's precision-aware mode is available (it checks for TE's FusedAdam)."""
     from megatron.core import optimizer
 
     return optimizer.Adam.__module__.startswith("transformer_engine")
@@ -71,12 +75,6 @@ class MegatronOptimizer:
         t = cfg.train
         self.precision_aware = precision_aware_available()
         moments = torch.bfloat16 if cfg.precision.bf16_optimizer_moments else torch.float32
-        if moments != torch.float32 and not self.precision_aware:
-            raise ConfigError(
-                "precision.bf16_optimizer_moments with train.optimizer_impl=megatron needs Transformer "
-                "Engine's FusedAdam (Megatron-Core's precision-aware optimizer), which is not installed: "
-                "install transformer-engine[pytorch] or set train.optimizer_impl=zero1"
-            )
         if cfg.parallel.expert > 1:
             for param in split_expert_parameters(model)[1]:
                 param.allreduce = False  # reduced over the expert-data-parallel group
@@ -108,8 +106,6 @@ class MegatronOptimizer:
                 use_distributed_optimizer=True,
                 clip_grad=t.grad_clip,
                 use_precision_aware_optimizer=self.precision_aware,
-                exp_avg_dtype=moments,
-                exp_avg_sq_dtype=moments,
                 store_param_remainders=False,  # the checkpoint holds fp32 masters in place
             ),
             self.chunks,
@@ -119,6 +115,8 @@ class MegatronOptimizer:
             if isinstance(self.optimizer, ChainedOptimizer)
             else [self.optimizer]
         )
+        for part in self.parts:  # ours steps the shards Megatron-Core laid out for its own
+            part.optimizer = FusedAdamW(part.optimizer.param_groups, moments)
         for group in self.optimizer.param_groups:  # no decay on norms (wd_mult 0), as Megatron's scheduler
             group["weight_decay"] = t.weight_decay * group.get("wd_mult", 1.0)
         self.grad_clip = t.grad_clip
@@ -135,19 +133,15 @@ class MegatronOptimizer:
 
     @torch.no_grad()
     def step(self, lr: float, grad_norm: torch.Tensor) -> None:
-        """Clip by the global norm, one AdamW step on this rank's shards, all-gather the parameters."""
-        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
-
+        """One AdamW step on this rank's shards, gradients clipped by the global norm inside the
+        kernel (Megatron-Core's coefficient), then all-gather the parameters."""
         self.step_count += 1
+        clip = 1.0
+        if self.grad_clip > 0:
+            clip = min(1.0, self.grad_clip / (float(grad_norm) + 1e-6))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if self.grad_clip > 0:
-            for part in self.parts:
-                params = part.get_parameters()
-                if params:
-                    clip_grad_by_total_norm_fp32(
-                        params, self.grad_clip, float(grad_norm), use_decoupled_grad=self.precision_aware
-                    )
+            group["grad_scale"] = clip
         self.optimizer.step_with_ready_grads()
 
     def zero_grad(self) -> None:
@@ -167,7 +161,7 @@ class MegatronOptimizer:
         state = {"optim.step": self.step_count}
         for part in self.parts:
             self._create_moments(part)
-            if self.precision_aware:  # TE's FusedAdam steps the bf16 shards and keeps their masters
+            if self.precision_aware:  # the inner optimizer steps the bf16 shards and keeps their masters
                 pairs = [*zip(part.model_float16_groups, part.shard_float16_groups),
                          *zip(part.model_fp32_groups, part.shard_fp32_groups)]  # fmt: skip
             else:
@@ -180,32 +174,22 @@ class MegatronOptimizer:
                     moments = part.optimizer.state[optim_param]
                     slots = {"exp_avg": moments["exp_avg"], "exp_avg_sq": moments["exp_avg_sq"]}
                     if model_param.dtype != torch.float32:  # an fp32 parameter is its own master
-                        slots["master"] = moments["master_param"] if self.precision_aware else optim_param
+                        slots["master"] = moments.get("master_param", optim_param)
                     for slot, tensor in slots.items():
                         mark_flat_range(tensor, span.start, span.end, of=model_param)
                         state[f"optim.{name}.{slot}"] = tensor
         self._state = state
-        self.loaded()  # torch's AdamW (the fallback without TE or Apex) wants a step beside its moments
         return state
 
-    def _create_moments(self, part) -> None:
-        if not self.precision_aware:
-            part.init_state_fn(part.optimizer, part.config)
-            return
-        inner = part.optimizer  # Megatron-Core 0.16's init_state_fn omits TE 2.x's remainder flag
+    @staticmethod
+    def _create_moments(part) -> None:
+        inner = part.optimizer
         for group in inner.param_groups:
             for param in group["params"]:
                 if not inner.state[param]:
-                    inner.initialize_state(param, store_param_remainders=False)
+                    inner.initialize_state(param)
 
     def loaded(self) -> None:
         """After a checkpoint load: Adam's step count (its bias correction) follows the checkpoint's."""
-        n = int(self.step_count)
-        for part in self.parts:
-            inner = part.optimizer
-            for group in inner.param_groups:
-                if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
-                    for param in group["params"]:
-                        inner.state[param]["step"] = torch.tensor(float(n))
-                else:  # Transformer Engine's and Apex's FusedAdam count per group
-                    group["step"] = n
+        for group in self.optimizer.param_groups:
+            group["step"] = int(self.step_count)

@@ -1,7 +1,5 @@
 """ZeRO-1 AdamW against torch.optim.AdamW, and the global gradient norm, in one process."""
 
-import importlib.util
-
 import pytest
 import torch
 
@@ -60,22 +58,50 @@ def test_the_backend_follows_optimizer_impl_and_the_device():
         load_config("tiny", overrides=["train.optimizer_impl=adam"])
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("transformer_engine") is not None,
-    reason="checks the behaviour without Transformer Engine",
-)
-def test_bf16_moments_without_transformer_engine_stay_on_ours_or_say_what_to_install():
-    """Megatron-Core keeps BF16 moments only in TE's FusedAdam (its precision-aware optimizer)."""
-    from megatron_ds.config import ConfigError
-    from megatron_ds.optim import ZeroOneOptimizer
-    from megatron_ds.train import build_optimizer
-    from parallel.megatron_optimizer import MegatronOptimizer
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_fused_adamw_matches_torch_adamw_with_the_clip_folded_in(param_dtype):
+    """The GPU backend's inner optimizer (run here by Inductor's CPU code) against torch's AdamW on
+    pre-clipped fp32 masters: decayed and undecayed groups, gradients from `decoupled_grad` (as
+    Megatron-Core's precision-aware optimizer hands them) or `grad`; a bf16 parameter gets its master
+    rounded."""
+    from parallel.fused_adamw import FusedAdamW
 
-    moments = ["model.n_layers=2", "precision.bf16_optimizer_moments=true"]
-    cfg = load_config("tiny", overrides=moments)
-    model = build_model(cfg, "cpu")
-    auto = build_optimizer(cfg, model, [model], torch.device("cuda"), 1)  # a GPU without TE
-    assert isinstance(auto, ZeroOneOptimizer)
-    megatron = load_config("tiny", overrides=[*moments, "train.optimizer_impl=megatron"])
-    with pytest.raises(ConfigError, match="install transformer-engine.*train.optimizer_impl=zero1"):
-        MegatronOptimizer(model, [model], megatron)
+    gen = torch.Generator().manual_seed(0)
+    masters = [torch.randn(n, generator=gen) for n in (300, 17, 1000)]
+    params = [m.to(param_dtype) for m in masters]
+    theirs = [torch.nn.Parameter(p.float()) for p in params]
+    hyper = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    ours = FusedAdamW([{"params": params[:2], "weight_decay": 0.1, **hyper},
+                       {"params": params[2:], "weight_decay": 0.0, **hyper}])  # fmt: skip
+    reference = torch.optim.AdamW([{"params": theirs[:2], "weight_decay": 0.1},
+                                   {"params": theirs[2:], "weight_decay": 0.0}], **hyper)  # fmt: skip
+    for scale in [1.0, 0.25, 0.5]:
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        for i, (p, q, g) in enumerate(zip(params, theirs, grads)):
+            if i % 2:
+                p.decoupled_grad = g
+            else:
+                p.grad = g if param_dtype == torch.float32 else None
+                p.decoupled_grad = None if param_dtype == torch.float32 else g
+            q.grad = g * scale
+        for group in ours.param_groups:
+            group["grad_scale"] = scale
+        ours.step()
+        reference.step()
+    for p, q in zip(params, theirs):
+        master = ours.state[p].get("master_param", p)
+        torch.testing.assert_close(master, q.detach(), rtol=1e-5, atol=1e-6)
+        assert torch.equal(p, master.to(param_dtype))
+
+
+def test_fused_adamw_keeps_bf16_moments():
+    from parallel.fused_adamw import FusedAdamW
+
+    param = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    optimizer = FusedAdamW([{"params": [param], "lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8,
+                             "weight_decay": 0.0}], moment_dtype=torch.bfloat16)  # fmt: skip
+    param.grad = torch.ones_like(param)
+    optimizer.step()
+    state = optimizer.state[param]
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+    torch.testing.assert_close(state["exp_avg"].float(), torch.full_like(param, 0.1), rtol=1e-2, atol=0)
