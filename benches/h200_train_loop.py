@@ -7,8 +7,8 @@ asynchronous checkpoint save blocks the loop.
    (`--optimizer-impl`: megatron = Megatron-Core DDP + distributed optimizer, zero1 = ours): gradient
    reduction, global-norm clip, AdamW with fp32 master weights and the preset's moments (BF16, as
    the report trains; fp32 with the override precision.bf16_optimizer_moments=false). Reports the
-   median split over `--steps` steps after a warm-up, each step's gradient norm (clipping is a
-   pass over the gradients only when the norm exceeds train.grad_clip), and, from two more steps
+   median split over `--steps` steps after a warm-up, each step's gradient norm (whether the
+   step clipped; the megatron backend folds the clip into its AdamW kernel), and, from two more steps
    with the GPU drained between them, the optimizer's phases: reduction + norm, clip + AdamW, zeroing.
 2. Async save: megatron_ds.checkpoint.Checkpointer(async_save=True) saving model + optimizer state of
    a model cut to `--save-layers` layers (the full dsv3-bench state, ~79 GB, does not fit the 64 GB
@@ -108,7 +108,7 @@ def optimizer_share(preset: str, steps: int, device: str, overrides: list[str]) 
         "optimizer_impl": cfg.train.optimizer_impl,
         "moments": "bf16" if cfg.precision.bf16_optimizer_moments else "fp32",
         "precision_aware": getattr(optimizer, "precision_aware", False),
-        # clipping costs a pass over the gradients only when the norm exceeds train.grad_clip
+        # whether the steps clipped (the megatron backend folds the clip into its AdamW kernel)
         "grad_norms": ", ".join(f"{s[2]:.3g}" for s in splits),
         "grad_clip": cfg.train.grad_clip,
         "micro_batches_per_step": n_micro,

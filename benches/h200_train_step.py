@@ -2,8 +2,8 @@
 
 Both models train through the same optimizer: Megatron-Core's DDP and distributed optimizer (fp32
 grad buffers into which TE's layers accumulate their weight gradients, fp32 master weights, the
-preset's moments: BF16 as the report trains), Megatron-Core's precision-aware variant on Transformer
-Engine's FusedAdam, built by parallel.megatron_optimizer exactly as `mds train` builds it on GPUs.
+preset's moments: BF16 as the report trains) in its precision-aware mode, each shard stepped by
+parallel.fused_adamw, built by parallel.megatron_optimizer exactly as `mds train` builds it on GPUs.
 
     python benches/h200_train_step.py --presets dsv3-bench dsv3-slice --out $OUT
 
