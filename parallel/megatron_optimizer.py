@@ -30,7 +30,7 @@ from torch import nn
 
 from megatron_ds.checkpoint.sharding import mark_flat_range
 from megatron_ds.config import Config
-from megatron_ds.model.init import canonical_name
+from megatron_ds.model.init import SHARD_ATTR, canonical_name
 from megatron_ds.optim import STAGE_COPIES_ATTR
 from parallel.data_parallel import split_expert_parameters
 from parallel.fused_adamw import FusedAdamW
@@ -75,9 +75,18 @@ class MegatronOptimizer:
         t = cfg.train
         self.precision_aware = precision_aware_available()
         moments = torch.bfloat16 if cfg.precision.bf16_optimizer_moments else torch.float32
+        # Megatron-Core counts a gradient in the clipping norm on every tensor-parallel rank if the
+        # parameter is flagged `tensor_model_parallel`, else on the first only. Its layers set the flag
+        # when they initialise, which ours skip, and TE sets it on every weight, replicated or not, so
+        # it is set here from the shard marks. Under expert parallelism no rank's range of a routed
+        # expert is another's (the expert group splits the experts, the expert-data-parallel group
+        # each expert): they count everywhere too.
+        for param in model.parameters():
+            param.tensor_model_parallel = hasattr(param, SHARD_ATTR)
         if cfg.parallel.expert > 1:
             for param in split_expert_parameters(model)[1]:
                 param.allreduce = False  # reduced over the expert-data-parallel group
+                param.tensor_model_parallel = True
         embed = getattr(model, "embed", None)
         last_stage_copy = embed is not None and getattr(embed.weight, STAGE_COPIES_ATTR, 1) > 1
         if last_stage_copy and ps.get_pipeline_model_parallel_rank() > 0:

@@ -65,10 +65,16 @@ class _SumGradOverGroup(torch.autograd.Function):
         return grad, None
 
 
+def share_rope_key_gradient(kv: torch.Tensor, rope_dim: int, group) -> torch.Tensor:
+    """wkv_a's output [c^KV; k^R] unchanged, with the gradient of k^R (the last rope_dim features)
+    all-reduced over `group`; the latent part's gradient is already complete, as wkv_b is
+    column-parallel."""
+    latent, rope_key = kv.split([kv.size(-1) - rope_dim, rope_dim], -1)
+    return torch.cat([latent, _SumGradOverGroup.apply(rope_key, group)], dim=-1)
+
+
 class SharedRopeKeyLinear(nn.Linear):
-    """MLA's replicated wkv_a whose last rope_dim outputs (the rope key shared by all heads) have
-    their gradient all-reduced over the tensor-parallel group; the latent part's gradient is
-    already complete, as wkv_b is column-parallel."""
+    """MLA's replicated wkv_a, whose shared rope key's gradient is summed over the tensor-parallel group."""
 
     def __init__(self, linear: nn.Linear, rope_dim: int, group):
         super().__init__(linear.in_features, linear.out_features, bias=False, device="meta")
@@ -76,10 +82,7 @@ class SharedRopeKeyLinear(nn.Linear):
         self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        latent, rope_key = F.linear(x, self.weight).split(
-            [self.out_features - self.rope_dim, self.rope_dim], -1
-        )
-        return torch.cat([latent, _SumGradOverGroup.apply(rope_key, self.group)], dim=-1)
+        return share_rope_key_gradient(F.linear(x, self.weight), self.rope_dim, self.group)
 
 
 class VocabParallelHead(OutputHead):
@@ -119,6 +122,16 @@ def _row(linear: nn.Linear, config, group) -> RowParallel:
     )  # fmt: skip
     mark_shard(layer.weight, 1, group.rank() * layer.weight.size(1), linear.in_features, group)
     return layer
+
+
+def partition(layer: nn.Module) -> tuple[int, int, str | None, object]:
+    """(in_features, out_features, style, group) of one of the model's projections after
+    apply_tensor_parallel: the full sizes, and COLUMN or ROW over `group` for a layer it made
+    parallel, None (replicated) otherwise. Other backends read their plan from here."""
+    if isinstance(layer, ColumnParallelLinear | RowParallelLinear):
+        style = COLUMN if isinstance(layer, ColumnParallelLinear) else ROW
+        return layer.input_size, layer.output_size, style, layer.tp_group
+    return layer.in_features, layer.out_features, None, None
 
 
 def apply_tensor_parallel(model: Transformer, group, dtype: torch.dtype, device: torch.device) -> None:

@@ -23,7 +23,17 @@ backend's in two places, and `copy_local_weights` applies this mapping:
   checkpoints hold the stacked tensor.
 Every other parameter keeps its name and value.
 
-Scope: one tensor-parallel rank (config validation rejects linear_impl=te with parallel.tensor > 1).
+Tensor parallelism. The plan stays parallel/tensor_parallel.py's: it swaps the projections on the meta
+device, before materialisation, and this pass, which needs real memory for TE's modules, runs after it
+and replaces each projection with its TE twin of the same partition (tensor_parallel.partition: TE's
+`parallel_mode` column or row over the same group; TE's constructor takes the full sizes and allocates
+this rank's shard). Without sequence parallelism TE communicates as Megatron-Core's layers do: a
+column-parallel layer all-reduces its input gradient in the backward (for `te.LayerNormLinear` before
+the norm's backward, so the norm weight's gradient is complete on every rank), a row-parallel layer
+all-reduces its output in the forward. A twin takes over its predecessor's shard mark (so init draws
+its slice of the full tensor and checkpoints assemble it) and, for MLA's wkv_a, the sum of the shared
+rope key's gradient (a forward hook on the TE layer). The attention core gets this rank's heads;
+the norms fused into the column-parallel up-projections and the routed experts stay replicated.
 """
 
 import torch
@@ -31,11 +41,12 @@ from torch import nn
 
 from megatron_ds.config import Config
 from megatron_ds.model.attention import MLA, Attention
-from megatron_ds.model.init import mark_expert_slice, mark_renamed
+from megatron_ds.model.init import copy_layout_marks, mark_expert_slice, mark_renamed
 from megatron_ds.model.moe import GroupedExperts, MoE
 from megatron_ds.model.norm import MLP, swiglu
 from megatron_ds.model.transformer import MTPModule
 from parallel.parallelize import DTYPES
+from parallel.tensor_parallel import SharedRopeKeyLinear, partition, share_rope_key_gradient
 
 # FP8 GEMMs need each expert's token count to be a multiple of 16 (TE's alignment for all
 # per-tensor and blockwise FP8 recipes); groups are zero-padded to it and the padding dropped after.
@@ -124,48 +135,53 @@ def pad_groups(x: torch.Tensor, counts: torch.Tensor, splits: list[int], align: 
     return x.new_zeros(sum(padded), x.size(1)).index_copy(0, rows, x), padded, rows
 
 
-def _linear(linear: nn.Linear, dtype, device):
+def _linear(linear: nn.Module, dtype, device, norm: nn.Module | None = None):
+    """The TE layer standing in for `linear` (with the RMSNorm `norm` before it fused in, if given):
+    same full shape, same tensor-parallel partition, same shard mark."""
     import transformer_engine.pytorch as te
 
-    return te.Linear(
-        linear.in_features, linear.out_features, bias=False, params_dtype=dtype, device=device,
-        init_method=_skip_init,
+    in_features, out_features, style, group = partition(linear)
+    kw = dict(
+        bias=False, params_dtype=dtype, device=device, init_method=_skip_init, parallel_mode=style,
+        tp_group=group,
     )  # fmt: skip
-
-
-def _norm_linear(norm: nn.Module, linear: nn.Linear, dtype, device):
-    import transformer_engine.pytorch as te
-
-    return te.LayerNormLinear(
-        linear.in_features, linear.out_features, eps=norm.eps, bias=False, normalization="RMSNorm",
-        params_dtype=dtype, device=device, init_method=_skip_init,
-    )  # fmt: skip
+    if norm is None:
+        layer = te.Linear(in_features, out_features, **kw)
+    else:
+        layer = te.LayerNormLinear(in_features, out_features, eps=norm.eps, normalization="RMSNorm", **kw)
+    copy_layout_marks(linear.weight, layer.weight)
+    if isinstance(linear, SharedRopeKeyLinear):
+        rope_dim, tp_group = linear.rope_dim, linear.group
+        layer.register_forward_hook(lambda _, __, kv: share_rope_key_gradient(kv, rope_dim, tp_group))
+    return layer
 
 
 def apply_transformer_engine(model: nn.Module, cfg: Config, tp_group=None) -> None:
     """Swap the model's projections, attention cores and routed experts for TE modules, in place.
 
-    Call after the model is materialised on its CUDA device and before init_weights; the new
-    modules are allocated there in the model's dtype.
+    Call after the model is materialised on its CUDA device (and split by apply_tensor_parallel over
+    `tp_group`, if at all) and before init_weights; the new modules are allocated there in the model's
+    dtype.
     """
-    if tp_group is not None and tp_group.size() > 1:
-        raise ValueError("precision.linear_impl=te supports parallel.tensor=1 only")
     dtype = DTYPES[cfg.precision.params_dtype]
     device = next(model.parameters()).device
+    tp_size = tp_group.size() if tp_group is not None else 1
     for module in list(model.modules()):
         if isinstance(module, MLA):
             for name in ("wq", "wq_a", "wkv_a", "wo"):
-                if isinstance(getattr(module, name, None), nn.Linear):
+                if hasattr(module, name):
                     setattr(module, name, _linear(getattr(module, name), dtype, device))
             if module.args.q_lora_rank:
-                module.wq_b = _norm_linear(module.q_norm, module.wq_b, dtype, device)
+                module.wq_b = _linear(module.wq_b, dtype, device, norm=module.q_norm)
                 module.q_norm = nn.Identity()
                 mark_renamed(module.wq_b.layer_norm_weight, "wq_b.layer_norm_weight", "q_norm.weight")
-            module.wkv_b = _norm_linear(module.kv_norm, module.wkv_b, dtype, device)
+            module.wkv_b = _linear(module.wkv_b, dtype, device, norm=module.kv_norm)
             module.kv_norm = nn.Identity()
             mark_renamed(module.wkv_b.layer_norm_weight, "wkv_b.layer_norm_weight", "kv_norm.weight")
-            a = module.args
-            module.attention = TEAttention(a.n_heads, a.qk_head_dim, a.v_head_dim, module.softmax_scale)
+            a = module.args  # the column-parallel projections give each rank n_heads / tp_size heads
+            module.attention = TEAttention(
+                a.n_heads // tp_size, a.qk_head_dim, a.v_head_dim, module.softmax_scale
+            )
         elif isinstance(module, MLP):
             for name in ("w1", "w3", "w2"):
                 setattr(module, name, _linear(getattr(module, name), dtype, device))

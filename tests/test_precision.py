@@ -19,15 +19,16 @@ def cfg(*overrides: str):
     [
         (["precision.fp8=blockwise"], "needs Transformer Engine: set precision.linear_impl=te"),
         (["precision.linear_impl=te", "precision.fp8=e5m2"], "precision.fp8='e5m2': choose none, blockwise"),
-        (
-            ["precision.linear_impl=te", "parallel.tensor=2"],
-            "set parallel.tensor=1 or precision.linear_impl=local",
-        ),
     ],
 )
 def test_invalid_precision_is_rejected_at_load(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         cfg(*overrides)
+
+
+def test_te_under_tensor_parallelism_is_accepted_at_load():
+    c = cfg("precision.linear_impl=te", "precision.fp8=blockwise", "parallel.tensor=2")
+    assert (c.precision.linear_impl, c.parallel.tensor) == ("te", 2)
 
 
 def test_local_backend_needs_nothing():

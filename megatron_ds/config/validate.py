@@ -146,11 +146,6 @@ def _precision_errors(cfg) -> list[str]:
         errors.append(f"precision.fp8={pr.fp8!r}: choose none, blockwise, delayed or current")
     elif pr.fp8 != "none" and pr.linear_impl != "te":
         errors.append(f"precision.fp8={pr.fp8} needs Transformer Engine: set precision.linear_impl=te")
-    if pr.linear_impl == "te" and cfg.parallel.tensor > 1:
-        errors.append(
-            "precision.linear_impl=te supports one tensor-parallel rank "
-            f"(parallel.tensor={cfg.parallel.tensor}): set parallel.tensor=1 or precision.linear_impl=local"
-        )
     if pr.fp8_dispatch and pr.fp8 == "none":
         errors.append("precision.fp8_dispatch needs an FP8 recipe: set precision.fp8=blockwise")
     if cfg.train.deterministic and pr.params_dtype != "fp32":

@@ -32,7 +32,8 @@ def mark_shard(param: torch.Tensor, dim: int, start: int, full_size: int, group=
 
 
 def copy_layout_marks(source: torch.Tensor, target: torch.Tensor) -> None:
-    """`target` (an optimizer state or a range of one) is laid out like `source`: same shard, same slice."""
+    """`target` (an optimizer state or a range of one, or the weight of a layer that replaces source's)
+    is laid out like `source`: same shard, same slice."""
     for attr in (SHARD_ATTR, SHARD_GROUP_ATTR, EXPERT_SLICE_ATTR):
         if hasattr(source, attr):
             setattr(target, attr, getattr(source, attr))

@@ -1,8 +1,8 @@
 """Megatron-Core's DDP + distributed optimizer (train.optimizer_impl=megatron) against our ZeRO-1 backend.
 
 Real `mds train` runs of the tiny model in fp32 on the same data: the two backends give the same loss
-curve, a checkpoint written by either resumes under the other, and with two GPUs the data- and
-expert-parallel runs of the Megatron backend match one GPU. Run on the H200 with
+curve, a checkpoint written by either resumes under the other, and with two GPUs the data-, expert-,
+pipeline- and tensor-parallel runs of the Megatron backend match one GPU. Run on the H200 with
 benches/h200_gpu_tests.sh; skipped without CUDA and Megatron-Core's GPU optimizer.
 """
 
@@ -56,9 +56,12 @@ def test_checkpoints_move_between_backends(reference, train_dataset, tmp_path, f
 
 
 @two_gpus
-@pytest.mark.parametrize("layout", ["parallel.expert=1", "parallel.expert=2", "parallel.pipeline=2"])
+@pytest.mark.parametrize(
+    "layout", ["parallel.expert=1", "parallel.expert=2", "parallel.pipeline=2", "parallel.tensor=2"]
+)
 def test_two_gpus_match_one(reference, train_dataset, tmp_path, layout):
-    """DP=2, EP=2 x DP=2 (Megatron-Core reduce-scatters, the optimizer works on halves) and PP=2."""
+    """DP=2, EP=2 x DP=2 (Megatron-Core reduce-scatters, the optimizer works on halves), PP=2 and TP=2
+    (whose shards Megatron-Core must count on both ranks in the clipping norm, replicas on one)."""
     assert_close(train(tmp_path, train_dataset, "megatron", layout, nproc=2), reference)
 
 

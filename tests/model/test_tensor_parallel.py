@@ -1,7 +1,8 @@
 """Tensor parallelism over 2 gloo processes against the single-process model built in each process.
 
 Checks, in one spawn: the TP=2 model holds exactly the TP=1 weights, sharded (layout-independent
-init); the language-model and MTP losses agree; every gradient, gathered from its shards, agrees.
+init), and reports each projection's partition; the language-model and MTP losses agree; every
+gradient, gathered from its shards, agrees.
 And the balance-bias update sums expert loads over a group, so every rank applies the same step.
 """
 
@@ -12,6 +13,7 @@ from model_testing import batch, run_in_processes, small_config
 from megatron_ds.model.init import SHARD_ATTR
 from megatron_ds.model.moe import moe_gates, update_expert_bias
 from parallel.parallelize import ModelGroups, build_model
+from parallel.tensor_parallel import PLAN, partition
 
 
 def _gather(tensor: torch.Tensor, dim: int, group) -> torch.Tensor:
@@ -47,6 +49,16 @@ def _check_tp_equals_single():
     assert set(full) == {name for name, _ in sharded.named_parameters()}
     # wq_b, wkv_b, wo per layer (4 with MTP), dense w1/w2/w3 and shared-expert w1/w2/w3, embedding, head.
     assert n_sharded == 4 * 3 + 4 * 3 + 2
+
+    # The plan as other backends (Transformer Engine's) read it off the sharded model: full sizes.
+    whole = dict(single.named_modules())
+    for path, module in sharded.named_modules():
+        for name in ("wq_a", "wkv_a", *PLAN.get(type(module), {})):
+            if hasattr(module, name):
+                linear = getattr(whole[path], name)
+                style = PLAN.get(type(module), {}).get(name)
+                expected = (linear.in_features, linear.out_features, style, tp_group if style else None)
+                assert partition(getattr(module, name)) == expected, f"{path}.{name}"
 
     g = torch.Generator().manual_seed(3)
     for gates in (moe_gates(single), moe_gates(sharded)):
