@@ -58,8 +58,14 @@ class FusedAdamW(torch.optim.Optimizer):
     `moment_dtype`. Set a group's "grad_scale" (default 1) to scale its gradients in the kernel:
     the global-norm clip."""
 
-    def __init__(self, param_groups, moment_dtype: torch.dtype = torch.float32):
-        super().__init__(param_groups, defaults={"grad_scale": 1.0, "step": 0})
+    def __init__(self, param_groups: list[dict], moment_dtype: torch.dtype = torch.float32):
+        super().__init__([{"params": []}], defaults={"grad_scale": 1.0, "step": 0})
+        # Megatron-Core's shards are views of the parameters (not leaves where a parameter is fp32),
+        # which add_param_group refuses: the groups are taken as they are, as Megatron-Core assigns them.
+        for group in param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        self.param_groups = param_groups
         self.moment_dtype = moment_dtype
 
     def initialize_state(self, param: torch.Tensor) -> None:

@@ -61,15 +61,15 @@ def test_the_backend_follows_optimizer_impl_and_the_device():
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
 def test_fused_adamw_matches_torch_adamw_with_the_clip_folded_in(param_dtype):
     """The GPU backend's inner optimizer (run here by Inductor's CPU code) against torch's AdamW on
-    pre-clipped fp32 masters: decayed and undecayed groups, gradients from `decoupled_grad` (as
-    Megatron-Core's precision-aware optimizer hands them) or `grad`; a bf16 parameter gets its master
-    rounded."""
+    pre-clipped fp32 masters: shards of one parameter (views, as Megatron-Core's are) in decayed and
+    undecayed groups, gradients from `decoupled_grad` (as Megatron-Core's precision-aware optimizer
+    hands them) or `grad`; a bf16 parameter gets its master rounded."""
     from parallel.fused_adamw import FusedAdamW
 
     gen = torch.Generator().manual_seed(0)
-    masters = [torch.randn(n, generator=gen) for n in (300, 17, 1000)]
-    params = [m.to(param_dtype) for m in masters]
-    theirs = [torch.nn.Parameter(p.float()) for p in params]
+    whole = torch.nn.Parameter(torch.randn(1317, generator=gen).to(param_dtype))
+    params = [whole.view(-1)[a:b] for a, b in ((0, 300), (300, 317), (317, 1317))]  # not leaves
+    theirs = [torch.nn.Parameter(p.detach().float().clone()) for p in params]
     hyper = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
     ours = FusedAdamW([{"params": params[:2], "weight_decay": 0.1, **hyper},
                        {"params": params[2:], "weight_decay": 0.0, **hyper}])  # fmt: skip
