@@ -51,6 +51,8 @@ def _transformer_config(cfg: Config):
         tensor_model_parallel_size=p.tensor,
         pipeline_model_parallel_size=p.pipeline,
         expert_model_parallel_size=p.expert,
+        expert_tensor_parallel_size=1,  # routed experts stay whole under TP (parallel.groups)
+        add_bias_linear=False,
         bf16=dtype == torch.bfloat16,
         params_dtype=dtype,
         pipeline_dtype=dtype,
