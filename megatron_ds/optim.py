@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_ds.config import Config
-from megatron_ds.model.init import SHARD_ATTR, canonical_name, copy_layout_marks
+from megatron_ds.model.init import EXPERT_SLICE_ATTR, SHARD_ATTR, canonical_name, copy_layout_marks
 from parallel.data_parallel import (
     gradient_groups_from_parallel_state,
     reduce_gradients,
@@ -32,6 +32,9 @@ def copies_of(param: torch.Tensor, world_size: int, pipeline: int) -> int:
     if hasattr(param, SHARD_ATTR):
         dim, _, full = getattr(param, SHARD_ATTR)
         n_shards = full // param.size(dim)
+    elif hasattr(param, EXPERT_SLICE_ATTR):  # one expert: on the ranks holding its block of experts
+        _, n_experts, n_local = getattr(param, EXPERT_SLICE_ATTR)
+        n_shards = n_experts // n_local
     return world_size // (pipeline * n_shards) * getattr(param, STAGE_COPIES_ATTR, 1)
 
 

@@ -103,7 +103,7 @@ class TEGroupedExperts(nn.Module):
         for name in ("w1", "w3", "w2"):  # each expert's [out, in] weight is a slice of the local [E, in, out]
             for e in range(n_local):
                 weight = getattr(self, name).get_parameter(f"weight{e}")
-                mark_expert_slice(weight, f"{name}.weight{e}", name, first + e, n_experts)
+                mark_expert_slice(weight, f"{name}.weight{e}", name, first + e, n_experts, n_local)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x holds tokens sorted by local expert; counts[e] of them belong to expert e."""

@@ -105,3 +105,19 @@ def test_fused_adamw_keeps_bf16_moments():
     state = optimizer.state[param]
     assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
     torch.testing.assert_close(state["exp_avg"].float(), torch.full_like(param, 0.1), rtol=1e-2, atol=0)
+
+
+def test_an_expert_slice_counts_once_like_its_stacked_shard():
+    """Under EP=2 of 4 ranks, TE's expert slice and the local backend's stacked shard of experts are each
+    held by the 2 ranks of one expert-data-parallel group, so the global norm weighs them alike."""
+    from megatron_ds.model.init import mark_expert_slice, mark_shard
+    from megatron_ds.optim import copies_of
+
+    stacked = torch.empty(2, 3, 5)  # experts 2 and 3 of 4
+    mark_shard(stacked, 0, 2, 4)
+    expert = torch.empty(5, 3)
+    mark_expert_slice(expert, "w1.weight0", "w1", 2, 4, 2)
+    assert copies_of(stacked, world_size=4, pipeline=1) == copies_of(expert, world_size=4, pipeline=1) == 2
+    replicated = torch.empty(5, 3)  # all four experts on every rank: EP=1
+    mark_expert_slice(replicated, "w1.weight2", "w1", 2, 4, 4)
+    assert copies_of(replicated, world_size=4, pipeline=1) == 4

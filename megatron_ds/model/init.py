@@ -50,12 +50,15 @@ def mark_renamed(param: torch.Tensor, here: str, canonical: str) -> None:
     setattr(param, RENAMED_ATTR, (here, canonical))
 
 
-def mark_expert_slice(param: torch.Tensor, here: str, stacked: str, expert: int, n_experts: int) -> None:
+def mark_expert_slice(
+    param: torch.Tensor, here: str, stacked: str, expert: int, n_experts: int, n_local: int
+) -> None:
     """`param` ([out, in], whose name ends in `here`) is expert `expert` of the local backend's stacked
-    weight `stacked` ([n_experts, in, out]), transposed. It goes by `<stacked>#<expert>`; initialisation
-    draws it as that expert's slice, and checkpoints assemble the slices into the stacked tensor."""
+    weight `stacked` ([n_experts, in, out]), transposed; this rank holds n_local of the experts. It goes
+    by `<stacked>#<expert>`; initialisation draws it as that expert's slice, and checkpoints assemble the
+    slices into the stacked tensor."""
     mark_renamed(param, here, f"{stacked}#{expert}")
-    setattr(param, EXPERT_SLICE_ATTR, (expert, n_experts))
+    setattr(param, EXPERT_SLICE_ATTR, (expert, n_experts, n_local))
 
 
 def canonical_name(name: str, param: torch.Tensor) -> str:

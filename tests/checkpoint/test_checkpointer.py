@@ -138,7 +138,7 @@ def te_style_experts(n_experts: int, d_in: int, d_out: int) -> nn.Module:
     experts.w1 = nn.Module()
     for e in range(n_experts):
         weight = nn.Parameter(torch.randn(d_out, d_in))
-        mark_expert_slice(weight, f"w1.weight{e}", "w1", e, n_experts)
+        mark_expert_slice(weight, f"w1.weight{e}", "w1", e, n_experts, n_experts)
         experts.w1.register_parameter(f"weight{e}", weight)
     return experts
 

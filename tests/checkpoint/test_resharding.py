@@ -86,7 +86,7 @@ def expert_slices(rank: int | None = None) -> dict[str, torch.Tensor]:
     state = {}
     for e in range(4):
         weight = EXPERTS[e].t().contiguous()
-        mark_expert_slice(weight, f"w1.weight{e}", "w1", e, 4)
+        mark_expert_slice(weight, f"w1.weight{e}", "w1", e, 4, len(experts))
         if e in experts:
             state[f"experts.w1#{e}"] = weight
         half = weight.numel() // 2

@@ -14,7 +14,7 @@ def test_expert_slices_initialise_as_their_stacked_weight():
     te.w1 = nn.Module()
     for e in (2, 3):  # an EP rank holding experts 2 and 3 of 4
         weight = nn.Parameter(torch.empty(5, 3))
-        mark_expert_slice(weight, f"w1.weight{e - 2}", "w1", e, 4)
+        mark_expert_slice(weight, f"w1.weight{e - 2}", "w1", e, 4, 2)
         te.w1.register_parameter(f"weight{e - 2}", weight)
     init_weights(local, seed=7, std=0.02)
     init_weights(te, seed=7, std=0.02)
