@@ -92,8 +92,10 @@ class FusedAdamW(torch.optim.Optimizer):
                 grad = param.grad if grad is None else grad
                 if grad is None:
                     continue
-                if scalars is None:
-                    scalars = torch.tensor([values[k] for k in SCALARS], device=param.device)
+                if scalars is None:  # staged in pinned memory: a pageable copy would wait for the GPU
+                    on_gpu = param.device.type == "cuda"
+                    scalars = torch.tensor([values[k] for k in SCALARS], pin_memory=on_gpu)
+                    scalars = scalars.to(param.device, non_blocking=on_gpu)
                 if not self.state[param]:
                     self.initialize_state(param)
                 state = self.state[param]
