@@ -13,15 +13,16 @@ Megatron-Core's precision-aware optimizer puts it (an fp32 gradient for a bf16 p
 `grad` otherwise, and writes the new master into the bf16 parameter in the same kernel.
 """
 
-import torch
+from functools import cache
 
-# Per-group values travel as one device tensor, so a new learning rate or clip coefficient never
-# recompiles the kernel: SCALARS names its entries.
-SCALARS = ("lr", "weight_decay", "beta1", "beta2", "eps", "correction1", "correction2", "grad_scale")
+import torch
 
 
 def _adamw(master, grad, exp_avg, exp_avg_sq, scalars) -> torch.Tensor:
-    """Update the moments in place; return the new master weight (decoupled weight decay)."""
+    """Update the moments in place; return the new master weight (decoupled weight decay).
+
+    `scalars` holds the group's values as one device tensor (FusedAdamW.step's order), so a new
+    learning rate or clip coefficient never recompiles the kernel."""
     lr, weight_decay, beta1, beta2, eps, correction1, correction2, grad_scale = scalars.unbind()
     g = grad.float() * grad_scale
     m = exp_avg.float() * beta1 + (1 - beta1) * g
@@ -43,14 +44,15 @@ def adamw_to_param_(param, master, grad, exp_avg, exp_avg_sq, scalars) -> None:
     param.copy_(new)
 
 
-_compiled = {}
-
-
+@cache
 def _kernel(fn):
     """fn compiled once per process, for every shard size (dynamic shapes)."""
-    if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
-    return _compiled[fn]
+    return torch.compile(fn, dynamic=True, fullgraph=True)
+
+
+def _gradient(param: torch.Tensor) -> torch.Tensor | None:
+    grad = getattr(param, "decoupled_grad", None)
+    return param.grad if grad is None else grad
 
 
 class FusedAdamW(torch.optim.Optimizer):
@@ -75,33 +77,33 @@ class FusedAdamW(torch.optim.Optimizer):
         if param.dtype != torch.float32:
             state["master_param"] = param.detach().float()
 
+    def create_states(self) -> None:
+        """Every parameter's state now, as the first step would (so that a checkpoint can load into it)."""
+        for group in self.param_groups:
+            for param in group["params"]:
+                if not self.state[param]:
+                    self.initialize_state(param)
+
     @torch.no_grad()
     def step(self, closure=None) -> None:
         assert closure is None, "FusedAdamW takes no closure"
+        self.create_states()
         for group in self.param_groups:
             group["step"] += 1
+            params = [p for p in group["params"] if _gradient(p) is not None]
+            if not params:
+                continue
             beta1, beta2 = group["betas"]
-            values = {
-                "lr": group["lr"], "weight_decay": group["weight_decay"], "beta1": beta1,
-                "beta2": beta2, "eps": group["eps"], "correction1": 1 - beta1 ** group["step"],
-                "correction2": 1 - beta2 ** group["step"], "grad_scale": group["grad_scale"],
-            }  # fmt: skip
-            scalars = None
-            for param in group["params"]:
-                grad = getattr(param, "decoupled_grad", None)
-                grad = param.grad if grad is None else grad
-                if grad is None:
-                    continue
-                if scalars is None:  # staged in pinned memory: a pageable copy would wait for the GPU
-                    on_gpu = param.device.type == "cuda"
-                    scalars = torch.tensor([values[k] for k in SCALARS], pin_memory=on_gpu)
-                    scalars = scalars.to(param.device, non_blocking=on_gpu)
-                if not self.state[param]:
-                    self.initialize_state(param)
+            n = group["step"]
+            values = [group["lr"], group["weight_decay"], beta1, beta2, group["eps"],
+                      1 - beta1**n, 1 - beta2**n, group["grad_scale"]]  # fmt: skip
+            on_gpu = params[0].is_cuda  # staged in pinned memory: a pageable copy would wait for the GPU
+            scalars = torch.tensor(values, pin_memory=on_gpu).to(params[0].device, non_blocking=on_gpu)
+            for param in params:
                 state = self.state[param]
                 moments = (state["exp_avg"], state["exp_avg_sq"], scalars)
                 weights = param.detach()  # dynamo would compile an nn.Parameter's shape statically
                 if "master_param" in state:
-                    _kernel(adamw_to_param_)(weights, state["master_param"], grad, *moments)
+                    _kernel(adamw_to_param_)(weights, state["master_param"], _gradient(param), *moments)
                 else:
-                    _kernel(adamw_)(weights, grad, *moments)
+                    _kernel(adamw_)(weights, _gradient(param), *moments)

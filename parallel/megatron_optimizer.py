@@ -171,13 +171,13 @@ class MegatronOptimizer:
             return self._state
         state = {"optim.step": self.step_count}
         for part in self.parts:
-            self._create_moments(part)
-            if self.precision_aware:  # the inner optimizer steps the bf16 shards and keeps their masters
-                pairs = [*zip(part.model_float16_groups, part.shard_float16_groups),
-                         *zip(part.model_fp32_groups, part.shard_fp32_groups)]  # fmt: skip
-            else:
-                pairs = [*zip(part.model_float16_groups, part.shard_fp32_from_float16_groups),
-                         *zip(part.model_fp32_groups, part.shard_fp32_groups)]  # fmt: skip
+            part.optimizer.create_states()
+            # Precision-aware, the inner optimizer steps the bf16 shards and keeps their masters itself.
+            bf16_shards = (
+                part.shard_float16_groups if self.precision_aware else part.shard_fp32_from_float16_groups
+            )
+            pairs = [*zip(part.model_float16_groups, bf16_shards),
+                     *zip(part.model_fp32_groups, part.shard_fp32_groups)]  # fmt: skip
             for model_group, optim_group in pairs:
                 for model_param, optim_param in zip(model_group, optim_group):
                     name = self._names[model_param]
@@ -191,14 +191,6 @@ class MegatronOptimizer:
                         state[f"optim.{name}.{slot}"] = tensor
         self._state = state
         return state
-
-    @staticmethod
-    def _create_moments(part) -> None:
-        inner = part.optimizer
-        for group in inner.param_groups:
-            for param in group["params"]:
-                if not inner.state[param]:
-                    inner.initialize_state(param)
 
     def loaded(self) -> None:
         """After a checkpoint load: Adam's step count (its bias correction) follows the checkpoint's."""
