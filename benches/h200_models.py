@@ -31,7 +31,9 @@ def init_single_process() -> None:
     ps.initialize_model_parallel(1, 1)
 
 
-def bench_config(preset: str, micro_batch: int, fp8: str, linear_impl: str = "te", seq_len: int = 4096):
+def bench_config(
+    preset: str, micro_batch: int, fp8: str, linear_impl: str = "te", seq_len: int = 4096, overrides=()
+):
     return load_config(
         preset,
         overrides=[
@@ -39,6 +41,7 @@ def bench_config(preset: str, micro_batch: int, fp8: str, linear_impl: str = "te
             f"precision.fp8={fp8}",
             f"train.micro_batch_size={micro_batch}",
             f"train.seq_len={seq_len}",
+            *overrides,
         ],
     )
 

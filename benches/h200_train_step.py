@@ -29,7 +29,14 @@ PEAK_TFLOPS = 790.0
 
 
 def measure(
-    system: str, preset: str, micro_batch: int, fp8: str, warmup: int, steps: int, profile: str = ""
+    system: str,
+    preset: str,
+    micro_batch: int,
+    fp8: str,
+    warmup: int,
+    steps: int,
+    profile: str = "",
+    overrides: tuple[str, ...] = (),
 ) -> dict:
     import torch
 
@@ -47,7 +54,7 @@ def measure(
 
     init_single_process()
     torch.manual_seed(0)
-    cfg = bench_config(preset, micro_batch, fp8)
+    cfg = bench_config(preset, micro_batch, fp8, overrides=overrides)
     model = build_ours(cfg) if system == "ours" else build_mcore(cfg)
     loss_fn = ours_loss if system == "ours" else mcore_loss
     optimizer = MegatronOptimizer(model, [model], cfg)
@@ -86,13 +93,26 @@ def measure(
             optimizer.zero_grad()
             torch.cuda.synchronize()
         kernels = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+        # And where the host's time goes in one more step (a host-bound step is as long as this).
+        import cProfile
+        import io
+        import pstats
+
+        with cProfile.Profile() as host:
+            loss_fn(model, cfg, batches[0]).backward()
+            optimizer.step(1e-4, optimizer.reduce_gradients())
+            optimizer.zero_grad()
+            torch.cuda.synchronize()
+        functions = io.StringIO()
+        pstats.Stats(host, stream=functions).sort_stats("tottime").print_stats(30)
         with open(profile, "a") as f:
-            f.write(f"\n## {system} {preset} mb{micro_batch} {fp8}\n{kernels}\n")
+            f.write(f"\n## {system} {' '.join(overrides)} {preset} mb{micro_batch} {fp8}\n{kernels}\n")
+            f.write(f"\n### host functions by own time\n{functions.getvalue()}\n")
     tokens = micro_batch * seq
     seconds = statistics.median(step_s)
     tflops = training_flops_per_token(cfg.model, seq) * tokens / seconds / 1e12
     return {
-        "system": system, "preset": preset, "micro_batch": micro_batch,
+        "system": system, "overrides": list(overrides), "preset": preset, "micro_batch": micro_batch,
         "precision": fp8 if fp8 != "none" else "bf16", "step_ms": 1e3 * seconds,
         "moments": "bf16" if cfg.precision.bf16_optimizer_moments else "fp32",
         "tokens_per_s": tokens / seconds, "tflops": tflops, "mfu": tflops / PEAK_TFLOPS,
@@ -116,6 +136,8 @@ def run_all(args) -> list[dict]:
                            "--warmup", str(args.warmup), "--steps", str(args.steps)]  # fmt: skip
                     if args.profile:
                         cmd += ["--profile-file", str(out / "h200_train_step_profiles.txt")]
+                    if system == "ours" and args.ours_overrides:
+                        cmd += ["--ours-overrides", *args.ours_overrides]
                     start = time.perf_counter()
                     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
                     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -139,12 +161,13 @@ def table(results: list[dict]) -> str:
             "| peak GiB |",
             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
+        system = " ".join([r["system"], *r.get("overrides", [])])
         if "error" in r:
-            rows.append(f"| {r['preset']} | {r['micro_batch']} | {r['precision']} | {r['system']} | error: "
+            rows.append(f"| {r['preset']} | {r['micro_batch']} | {r['precision']} | {system} | error: "
                         f"{r['error'][-160:]} |||||")  # fmt: skip
             continue
         rows.append(
-            f"| {r['preset']} | {r['micro_batch']} | {r['precision']} | {r['system']} "
+            f"| {r['preset']} | {r['micro_batch']} | {r['precision']} | {system} "
             f"| {r['tokens_per_s']:,.0f} | {r['tflops']:.0f} | {100 * r['mfu']:.1f}% | {r['step_ms']:.0f} "
             f"| {100 * r['optimizer_share']:.1f}% | "
             f"{r['peak_mem_gib']:.1f} |"
@@ -164,13 +187,21 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)  # host-bound steps vary: take a median of many
     parser.add_argument("--timeout", type=int, default=150)
-    parser.add_argument("--profile", action="store_true", help="also take a kernel table of one step each")
+    parser.add_argument(
+        "--profile", action="store_true", help="also take a kernel table and a host profile of one step each"
+    )
     parser.add_argument("--profile-file", default="", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--ours-overrides", nargs="+", default=[], help="config overrides for ours: precision.expert_gemm=te"
+    )
     parser.add_argument("--out", default=os.environ.get("OUT", "runs/h200"))
     args = parser.parse_args()
     if args.one:
         system, preset, micro_batch, fp8 = args.one
-        result = measure(system, preset, int(micro_batch), fp8, args.warmup, args.steps, args.profile_file)
+        result = measure(
+            system, preset, int(micro_batch), fp8, args.warmup, args.steps, args.profile_file,
+            tuple(args.ours_overrides),
+        )  # fmt: skip
         print("RESULT " + json.dumps(result))
         return
     results = run_all(args)

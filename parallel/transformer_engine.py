@@ -5,8 +5,9 @@ normalisation and the attention core stay in BF16/FP32):
 - every projection of MLA, the dense FFNs, the shared experts and MTP's eh_proj become `te.Linear`;
 - MLA's up-projections absorb the RMSNorm before them: q_norm + wq_b and kv_norm + wkv_b become one
   `te.LayerNormLinear` each (fused norm + cast + GEMM), and the model's q_norm / kv_norm become identities;
-- the routed experts become `TEGroupedExperts`: three `te.GroupedLinear` (gate w1, up w3, down w2),
-  with GroupedExperts' `down` split (parallel/recompute.py may replay it);
+- the routed experts, when they run in FP8 (megatron_ds.precision.te_grouped_experts), become
+  `TEGroupedExperts`: three `te.GroupedLinear` (gate w1, up w3, down w2), with GroupedExperts' `down`
+  split (parallel/recompute.py may replay it); in BF16 they stay on torch's grouped GEMM;
 - MLA's attention core becomes `TEAttention`, TE's DotProductAttention (BF16, as the report keeps it).
 Under `te.autocast` (megatron_ds.precision.forward_context) these run in FP8; without it, in the
 parameters' dtype.
@@ -17,10 +18,10 @@ backend's in two places, and `copy_local_weights` applies this mapping:
 - `attn.q_norm.weight` -> `attn.wq_b.layer_norm_weight`,
   `attn.kv_norm.weight` -> `attn.wkv_b.layer_norm_weight`: marked (model.init.mark_renamed)
   so that checkpoints hold them under the local names;
-- `ffn.experts.w{1,2,3}[e]` ([in, out]) -> `ffn.experts.w{1,2,3}.weight{i}` ([out, in], transposed;
-  i = e - first, the rank's first expert under expert parallelism): marked as slices of the stacked
-  weight (model.init.mark_expert_slice), so each expert initialises to the local backend's values and
-  checkpoints hold the stacked tensor.
+- (FP8 experts) `ffn.experts.w{1,2,3}[e]` ([in, out]) -> `ffn.experts.w{1,2,3}.weight{i}` ([out, in],
+  transposed; i = e - first, the rank's first expert under expert parallelism): marked as slices of
+  the stacked weight (model.init.mark_expert_slice), so each expert initialises to the local
+  backend's values and checkpoints hold the stacked tensor.
 Every other parameter keeps its name and value.
 
 Tensor parallelism. The plan stays parallel/tensor_parallel.py's: it swaps the projections on the meta
@@ -45,6 +46,7 @@ from megatron_ds.model.init import copy_layout_marks, mark_expert_slice, mark_re
 from megatron_ds.model.moe import GroupedExperts, MoE
 from megatron_ds.model.norm import MLP, swiglu
 from megatron_ds.model.transformer import MTPModule
+from megatron_ds.precision import te_grouped_experts
 from parallel.parallelize import DTYPES
 from parallel.tensor_parallel import SharedRopeKeyLinear, partition, share_rope_key_gradient
 
@@ -166,6 +168,7 @@ def apply_transformer_engine(model: nn.Module, cfg: Config, tp_group=None) -> No
     dtype = DTYPES[cfg.precision.params_dtype]
     device = next(model.parameters()).device
     tp_size = tp_group.size() if tp_group is not None else 1
+    swap_experts = te_grouped_experts(cfg)
     for module in list(model.modules()):
         if isinstance(module, MLA):
             for name in ("wq", "wq_a", "wkv_a", "wo"):
@@ -187,17 +190,18 @@ def apply_transformer_engine(model: nn.Module, cfg: Config, tp_group=None) -> No
                 setattr(module, name, _linear(getattr(module, name), dtype, device))
         elif isinstance(module, MTPModule):
             module.eh_proj = _linear(module.eh_proj, dtype, device)
-        elif isinstance(module, MoE) and isinstance(module.experts, GroupedExperts):
+        elif swap_experts and isinstance(module, MoE) and isinstance(module.experts, GroupedExperts):
             module.experts = TEGroupedExperts(module.experts, dtype, device)
 
 
-def te_name(local_name: str, n_experts: int) -> list[tuple[str, int | None]]:
-    """The TE parameter(s) holding a local-backend parameter: [(name, expert index or None)]."""
+def te_name(local_name: str, n_experts: int, te_experts: bool = True) -> list[tuple[str, int | None]]:
+    """The TE parameter(s) holding a local-backend parameter: [(name, expert index or None)]; with
+    te_experts False the routed experts kept their stacked weights (torch's grouped GEMM)."""
     for norm, linear in (("q_norm", "wq_b"), ("kv_norm", "wkv_b")):
         if local_name.endswith(f"attn.{norm}.weight"):
             return [(local_name.replace(f"{norm}.weight", f"{linear}.layer_norm_weight"), None)]
     for w in ("w1", "w2", "w3"):
-        if local_name.endswith(f"experts.{w}"):
+        if te_experts and local_name.endswith(f"experts.{w}"):
             return [(f"{local_name}.weight{e}", e) for e in range(n_experts)]
     return [(local_name, None)]
 
@@ -207,8 +211,9 @@ def copy_local_weights(te_model: nn.Module, local_model: nn.Module) -> None:
     """Load a local-backend model's weights into a TE-backend model of the same config."""
     te_params = dict(te_model.named_parameters())
     n_experts = getattr(local_model.args, "n_routed_experts", 0)
+    te_experts = any(isinstance(m, TEGroupedExperts) for m in te_model.modules())
     for name, param in local_model.named_parameters():
-        for target, expert in te_name(name, n_experts):
+        for target, expert in te_name(name, n_experts, te_experts):
             source = param if expert is None else param[expert].t()
             te_params[target].copy_(source)
     te_buffers = dict(te_model.named_buffers())

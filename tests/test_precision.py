@@ -19,6 +19,15 @@ def cfg(*overrides: str):
     [
         (["precision.fp8=blockwise"], "needs Transformer Engine: set precision.linear_impl=te"),
         (["precision.linear_impl=te", "precision.fp8=e5m2"], "precision.fp8='e5m2': choose none, blockwise"),
+        (["precision.expert_gemm=cutlass"], "precision.expert_gemm='cutlass': choose auto, torch or te"),
+        (
+            ["precision.expert_gemm=te"],
+            "expert_gemm=te needs Transformer Engine: set precision.linear_impl=te",
+        ),
+        (
+            ["precision.linear_impl=te", "precision.fp8=blockwise", "precision.expert_gemm=torch"],
+            "runs the routed experts in BF16, but precision.fp8=blockwise asks for FP8 experts",
+        ),
     ],
 )
 def test_invalid_precision_is_rejected_at_load(overrides, message):
@@ -29,6 +38,13 @@ def test_invalid_precision_is_rejected_at_load(overrides, message):
 def test_te_under_tensor_parallelism_is_accepted_at_load():
     c = cfg("precision.linear_impl=te", "precision.fp8=blockwise", "parallel.tensor=2")
     assert (c.precision.linear_impl, c.parallel.tensor) == ("te", 2)
+
+
+def test_routed_experts_use_te_only_where_fp8_needs_it():
+    assert not precision.te_grouped_experts(cfg())
+    assert not precision.te_grouped_experts(cfg("precision.linear_impl=te"))
+    assert precision.te_grouped_experts(cfg("precision.linear_impl=te", "precision.fp8=blockwise"))
+    assert precision.te_grouped_experts(cfg("precision.linear_impl=te", "precision.expert_gemm=te"))
 
 
 def test_local_backend_needs_nothing():
@@ -85,6 +101,7 @@ def test_te_parameter_mapping():
         ("layers.1.ffn.experts.w2.weight1", 1),
     ]
     assert te_name("layers.0.attn.wq_a.weight", 4) == [("layers.0.attn.wq_a.weight", None)]
+    assert te_name("layers.1.ffn.experts.w2", 2, te_experts=False) == [("layers.1.ffn.experts.w2", None)]
 
 
 def test_fp8_recipe_names():

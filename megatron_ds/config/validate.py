@@ -146,6 +146,15 @@ def _precision_errors(cfg) -> list[str]:
         errors.append(f"precision.fp8={pr.fp8!r}: choose none, blockwise, delayed or current")
     elif pr.fp8 != "none" and pr.linear_impl != "te":
         errors.append(f"precision.fp8={pr.fp8} needs Transformer Engine: set precision.linear_impl=te")
+    if pr.expert_gemm not in ("auto", "torch", "te"):
+        errors.append(f"precision.expert_gemm={pr.expert_gemm!r}: choose auto, torch or te")
+    elif pr.expert_gemm == "te" and pr.linear_impl != "te":
+        errors.append("precision.expert_gemm=te needs Transformer Engine: set precision.linear_impl=te")
+    elif pr.expert_gemm == "torch" and pr.fp8 != "none":
+        errors.append(
+            f"precision.expert_gemm=torch runs the routed experts in BF16, but precision.fp8={pr.fp8} asks "
+            "for FP8 experts: set precision.expert_gemm=auto (or te)"
+        )
     if pr.fp8_dispatch and pr.fp8 == "none":
         errors.append("precision.fp8_dispatch needs an FP8 recipe: set precision.fp8=blockwise")
     if cfg.train.deterministic and pr.params_dtype != "fp32":

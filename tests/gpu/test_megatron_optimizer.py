@@ -98,9 +98,9 @@ def test_te_layers_accumulate_into_megatron_buffers(train_dataset, tmp_path):
     """With the TE backend the Megatron backend turns on TE's fused weight-gradient accumulation
     (the GEMM adds into DDP's fp32 buffer); the curve matches ours, where TE returns plain gradients."""
     pytest.importorskip("transformer_engine")
-    te = "precision.linear_impl=te"
-    reference = train(tmp_path / "zero1", train_dataset, "zero1", te)
-    assert_close(train(tmp_path / "megatron", train_dataset, "megatron", te), reference)
+    te = ["precision.linear_impl=te", "precision.expert_gemm=te"]
+    reference = train(tmp_path / "zero1", train_dataset, "zero1", *te)
+    assert_close(train(tmp_path / "megatron", train_dataset, "megatron", *te), reference)
 
 
 @two_gpus
@@ -109,7 +109,7 @@ def test_te_checkpoint_under_expert_parallelism_resumes_on_the_local_backend(
 ):
     """Under EP the TE backend's checkpoint keys are the local backend's (its fused norms are saved as
     q_norm / kv_norm), so a TE run at EP=2 resumes on the local backend on one GPU, on course."""
-    te = ["precision.linear_impl=te", "parallel.expert=2"]
+    te = ["precision.linear_impl=te", "precision.expert_gemm=te", "parallel.expert=2"]
     train(tmp_path, train_dataset, "megatron", *te, f"train.steps={STEPS // 2}", nproc=2)
     assert_close(train(tmp_path, train_dataset, "megatron"), reference, rtol=1e-2)
 
@@ -118,7 +118,8 @@ def test_te_checkpoint_resumes_on_the_local_backend(reference, train_dataset, tm
     """TE's experts are saved as slices of the local backend's stacked weights (and its fused norms
     under the local names), so a TE run's checkpoint resumes on the local backend, on course."""
     pytest.importorskip("transformer_engine")
-    train(tmp_path, train_dataset, "megatron", "precision.linear_impl=te", f"train.steps={STEPS // 2}")
+    te = ["precision.linear_impl=te", "precision.expert_gemm=te"]
+    train(tmp_path, train_dataset, "megatron", *te, f"train.steps={STEPS // 2}")
     assert_close(train(tmp_path, train_dataset, "megatron"), reference, rtol=1e-2)
 
 
@@ -127,8 +128,8 @@ def test_te_experts_under_expert_parallelism_match_one_gpu(train_dataset, tmp_pa
     """TE's grouped experts at EP=2 (each rank's two of four, initialised as their slices of the
     stacked weights) train like all four on one GPU."""
     pytest.importorskip("transformer_engine")
-    te = "precision.linear_impl=te"
-    one = train(tmp_path / "one", train_dataset, "megatron", te)
+    te = ["precision.linear_impl=te", "precision.expert_gemm=te"]
+    one = train(tmp_path / "one", train_dataset, "megatron", *te)
     assert_close(
-        train(tmp_path / "two", train_dataset, "megatron", te, "parallel.expert=2", nproc=2), one, 1e-3
+        train(tmp_path / "two", train_dataset, "megatron", *te, "parallel.expert=2", nproc=2), one, 1e-3
     )

@@ -17,7 +17,7 @@ pytestmark = [
     pytest.mark.skipif(not transformer_engine_available(), reason="needs Transformer Engine"),
 ]
 
-TE = ["precision.linear_impl=te", "precision.params_dtype=bf16"]
+TE = ["precision.linear_impl=te", "precision.expert_gemm=te", "precision.params_dtype=bf16"]
 TP2 = ["parallel.tensor=2"]
 # BF16 activations: the row-parallel layers sum two rounded halves where one GPU rounds the whole GEMM.
 RTOL = 1e-2
