@@ -126,6 +126,11 @@ def mcore_config(cfg):
 
 
 def mcore_loss(model, cfg, tokens: torch.Tensor) -> torch.Tensor:
+    """One micro-batch that starts an optimizer step (as every micro-batch of these benchmarks does)."""
+    # Megatron-Core's TE layers quantize their weights to FP8 in the first micro-batch of a step and
+    # reuse that copy until told a new step began, which only its pipeline schedules do. Without this
+    # it would skip the quantization, and train on stale weights, from the second step on.
+    model.set_is_first_microbatch()
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     positions = torch.arange(inputs.size(1), device=inputs.device).expand_as(inputs)
     # Megatron-Core enters te.autocast itself (config.fp8) around its transformer block.
