@@ -11,6 +11,12 @@ It keeps the state layout of the optimizers it replaces ("exp_avg", "exp_avg_sq"
 beside a bf16 parameter; "step" per group), reads the gradient from `decoupled_grad` where
 Megatron-Core's precision-aware optimizer puts it (an fp32 gradient for a bf16 parameter) and from
 `grad` otherwise, and writes the new master into the bf16 parameter in the same kernel.
+
+Models with many small parameters (Transformer Engine's grouped experts hold one weight per expert:
+2,304 in dsv3-bench) would pay a kernel launch and the compiled wrapper's host work per shard.
+Megatron-Core's buffers already hold the shards and their gradients back to back, so the states are
+laid out the same way (one flat buffer per group and kind, in address order) and every run of shards
+that lies back to back in all five tensors is stepped as one 1-D span: one launch.
 """
 
 from functools import cache
@@ -69,20 +75,23 @@ class FusedAdamW(torch.optim.Optimizer):
                 group.setdefault(key, value)
         self.param_groups = param_groups
         self.moment_dtype = moment_dtype
-
-    def initialize_state(self, param: torch.Tensor) -> None:
-        state = self.state[param]
-        state["exp_avg"] = torch.zeros_like(param, dtype=self.moment_dtype)
-        state["exp_avg_sq"] = torch.zeros_like(param, dtype=self.moment_dtype)
-        if param.dtype != torch.float32:
-            state["master_param"] = param.detach().float()
+        self._runs: dict[int, tuple] = {}  # id(group) -> (gradient addresses, runs)
 
     def create_states(self) -> None:
-        """Every parameter's state now, as the first step would (so that a checkpoint can load into it)."""
+        """Every parameter's state now, as the first step would (so that a checkpoint can load into it):
+        views of one flat buffer per group and kind, in the parameters' address order."""
         for group in self.param_groups:
-            for param in group["params"]:
-                if not self.state[param]:
-                    self.initialize_state(param)
+            new = sorted((p for p in group["params"] if not self.state[p]), key=torch.Tensor.data_ptr)
+            if not new:
+                continue
+            moments = [_flat_buffer(new, self.moment_dtype) for _ in range(2)]
+            low_precision = [p for p in new if p.dtype != torch.float32]
+            masters = _flat_buffer(low_precision, torch.float32) if low_precision else {}
+            for param in new:
+                state = self.state[param]
+                state["exp_avg"], state["exp_avg_sq"] = (m[param].zero_() for m in moments)
+                if param in masters:
+                    state["master_param"] = masters[param].copy_(param.detach())
 
     @torch.no_grad()
     def step(self, closure=None) -> None:
@@ -99,11 +108,76 @@ class FusedAdamW(torch.optim.Optimizer):
                       1 - beta1**n, 1 - beta2**n, group["grad_scale"]]  # fmt: skip
             on_gpu = params[0].is_cuda  # staged in pinned memory: a pageable copy would wait for the GPU
             scalars = torch.tensor(values, pin_memory=on_gpu).to(params[0].device, non_blocking=on_gpu)
-            for param in params:
-                state = self.state[param]
-                moments = (state["exp_avg"], state["exp_avg_sq"], scalars)
-                weights = param.detach()  # dynamo would compile an nn.Parameter's shape statically
-                if "master_param" in state:
-                    _kernel(adamw_to_param_)(weights, state["master_param"], _gradient(param), *moments)
-                else:
-                    _kernel(adamw_)(weights, _gradient(param), *moments)
+            # Runs are found again when any tensor moved (Megatron-Core's checkpoint loading may
+            # replace states); reading the addresses costs ~1 us per parameter, a launch ~100 us.
+            key = tuple(t.data_ptr() for p in params for t in (p, _gradient(p), *self.state[p].values()))
+            if self._runs.get(id(group), (None,))[0] != key:
+                self._runs[id(group)] = (key, _runs(params, self.state))
+            for first, numel in self._runs[id(group)][1]:
+                operands = [_span(t, numel) for t in _operands(first, self.state[first])]
+                _kernel(adamw_to_param_ if len(operands) == 5 else adamw_)(*operands, scalars)
+
+
+def _flat_buffer(params: list[torch.Tensor], dtype: torch.dtype) -> dict[torch.Tensor, torch.Tensor]:
+    """One zeroed buffer for all of `params`, as a view shaped like each, in the given order."""
+    flat = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=params[0].device)
+    views, start = {}, 0
+    for p in params:
+        views[p] = flat[start : start + p.numel()].view_as(p)
+        start += p.numel()
+    return views
+
+
+def _follows(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """b starts where a ends, in the same storage, both dense."""
+    return (
+        a.is_contiguous()
+        and b.is_contiguous()
+        and a.dtype == b.dtype
+        and b.data_ptr() == a.data_ptr() + a.numel() * a.element_size()
+        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    )
+
+
+def _operands(param: torch.Tensor, state: dict) -> list[torch.Tensor]:
+    """The kernel's tensors for one parameter, in its argument order."""
+    master = [state["master_param"]] if "master_param" in state else []
+    # dynamo would compile an nn.Parameter's shape statically: hence the detach
+    return [param.detach(), *master, _gradient(param), state["exp_avg"], state["exp_avg_sq"]]
+
+
+def _follows(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """b starts where a ends, in the same storage, both dense."""
+    return (
+        a.is_contiguous()
+        and b.is_contiguous()
+        and a.dtype == b.dtype
+        and b.data_ptr() == a.data_ptr() + a.numel() * a.element_size()
+        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    )
+
+
+def _runs(params: list[torch.Tensor], state) -> list[tuple[torch.Tensor, int]]:
+    """The parameters in address order, cut into runs that lie back to back in every tensor the kernel
+    touches: (the run's first parameter, its elements)."""
+    runs: list[tuple[torch.Tensor, int]] = []
+    previous = None
+    for param in sorted(params, key=torch.Tensor.data_ptr):
+        operands = _operands(param, state[param])
+        if (
+            previous is not None
+            and len(previous) == len(operands)
+            and all(_follows(a, b) for a, b in zip(previous, operands))
+        ):
+            runs[-1] = (runs[-1][0], runs[-1][1] + param.numel())
+        else:
+            runs.append((param, param.numel()))
+        previous = operands
+    return runs
+
+
+def _span(first: torch.Tensor, numel: int) -> torch.Tensor:
+    """numel elements from `first` on, as one 1-D view (`first` itself when it holds them all)."""
+    if first.numel() == numel:
+        return first
+    return first.as_strided((numel,), (1,), first.storage_offset())

@@ -94,6 +94,40 @@ def test_fused_adamw_matches_torch_adamw_with_the_clip_folded_in(param_dtype):
         assert torch.equal(p, master.to(param_dtype))
 
 
+def test_fused_adamw_steps_back_to_back_shards_as_one_run():
+    """Shards and gradients laid out back to back (as in Megatron-Core's buffers) are stepped by one
+    kernel per run; a state replaced in between (as Megatron-Core's checkpoint loading does) splits
+    the run, and every step still matches torch's AdamW."""
+    from parallel.fused_adamw import FusedAdamW, _runs
+
+    gen = torch.Generator().manual_seed(0)
+    cuts = ((0, 300), (300, 317), (317, 1000), (1000, 1317))
+    whole = torch.nn.Parameter(torch.randn(1317, generator=gen).to(torch.bfloat16))
+    grads = torch.empty(1317)
+    params = [whole.view(-1)[a:b] for a, b in cuts]
+    for p, (a, b) in zip(params, cuts):
+        p.decoupled_grad = grads[a:b]
+    theirs = [torch.nn.Parameter(p.detach().float().clone()) for p in params]
+    hyper = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    ours = FusedAdamW([{"params": params[:3], "weight_decay": 0.1, **hyper},
+                       {"params": params[3:], "weight_decay": 0.0, **hyper}])  # fmt: skip
+    reference = torch.optim.AdamW([{"params": theirs[:3], "weight_decay": 0.1},
+                                   {"params": theirs[3:], "weight_decay": 0.0}], **hyper)  # fmt: skip
+    for step in range(3):
+        grads.copy_(torch.randn(1317, generator=gen))
+        for q, (a, b) in zip(theirs, cuts):
+            q.grad = grads[a:b].clone()
+        if step == 1:
+            moments = ours.state[params[1]]
+            moments["exp_avg"] = moments["exp_avg"].clone()
+        ours.step()
+        reference.step()
+        runs = [len(_runs(group["params"], ours.state)) for group in ours.param_groups]
+        assert runs == ([1, 1] if step == 0 else [3, 1])
+    for p, q in zip(params, theirs):
+        torch.testing.assert_close(ours.state[p]["master_param"], q.detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_fused_adamw_keeps_bf16_moments():
     from parallel.fused_adamw import FusedAdamW
 
