@@ -159,6 +159,11 @@ def train(cfg: Config, run_dir: Path) -> int:
     else:
         run_micro_batches = partial(forward_backward, model, cfg, device, context=context)
     optimizer = build_optimizer(cfg, model, chunks, device, launch.world_size)
+    fp8_weights = None
+    if cfg.precision.fp8 != "none":
+        from parallel.transformer_engine import FP8WeightCache
+
+        fp8_weights = FP8WeightCache(model)  # quantized once per step, not per micro-batch
     loader = build_loader(
         cfg.data, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
         dp_rank=dp_rank, dp_size=dp_size, seed=t.seed,
@@ -218,6 +223,8 @@ def train(cfg: Config, run_dir: Path) -> int:
         lr = schedules.learning_rate(t, state.step, state.tokens)
         mtp_weight = schedules.mtp_loss_weight(t, state.tokens)
         BalanceLossGrad.scale = 1.0 / n_micro
+        if fp8_weights is not None:
+            fp8_weights.start_step(n_micro)
 
         losses = run_micro_batches(batches, n_micro, mtp_weight)  # total, lm, mtp, balance
         grad_norm = optimizer.reduce_gradients()

@@ -194,6 +194,38 @@ def apply_transformer_engine(model: nn.Module, cfg: Config, tp_group=None) -> No
             module.experts = TEGroupedExperts(module.experts, dtype, device)
 
 
+class FP8WeightCache:
+    """Each TE layer quantizes its weights to FP8 in its first forward of an optimizer step and reuses
+    that copy for the step's other micro-batches (TE's `is_first_microbatch`), as Megatron-Core's
+    schedules arrange: one quantization per step instead of one per micro-batch. Steps of one
+    micro-batch have nothing to reuse, so caching stays off there (the copy would only hold memory).
+
+    Set from outside the model: a forward pre-hook on each TE projection adds the flag. A replay of
+    the forward (selective recomputation) finds its layers already quantized this step.
+    """
+
+    def __init__(self, model: nn.Module):
+        import transformer_engine.pytorch as te
+
+        projections = (te.Linear, te.LayerNormLinear, te.GroupedLinear)
+        self.layers = [m for m in model.modules() if isinstance(m, projections)]
+        self.unquantized: set[nn.Module] = set()  # layers yet to quantize their weights this step
+        self.enabled = False
+        for layer in self.layers:
+            layer.register_forward_pre_hook(self._flag, with_kwargs=True)
+
+    def start_step(self, n_micro: int) -> None:
+        self.enabled = n_micro > 1
+        self.unquantized = set(self.layers)
+
+    def _flag(self, layer: nn.Module, args: tuple, kwargs: dict):
+        if not self.enabled:
+            return None
+        kwargs["is_first_microbatch"] = layer in self.unquantized
+        self.unquantized.discard(layer)
+        return args, kwargs
+
+
 def te_name(local_name: str, n_experts: int, te_experts: bool = True) -> list[tuple[str, int | None]]:
     """The TE parameter(s) holding a local-backend parameter: [(name, expert index or None)]; with
     te_experts False the routed experts kept their stacked weights (torch's grouped GEMM)."""

@@ -139,3 +139,36 @@ def test_te_recompute_keeps_less_and_changes_no_gradient(monkeypatch, fp8):
     _assert_same(base[1], base[0], "two identical steps without recomputation (the run is not deterministic)")
     _assert_same(grads[1], base[1], "with and without recomputation")
     assert kept < base_kept, f"{kept} bytes kept with recomputation, {base_kept} without"
+
+
+def test_fp8_weights_quantized_once_per_step_give_the_same_gradients(monkeypatch):
+    """FP8WeightCache: the first micro-batch of a step quantizes each TE layer's weights, the others
+    reuse them. Every step's gradients equal quantizing in every micro-batch; the second step's would
+    differ if the cache outlived the weights it was made from."""
+    from parallel.transformer_engine import FP8WeightCache
+
+    monkeypatch.setenv("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "0")
+    cfg = tiny("precision.linear_impl=te", "precision.fp8=blockwise")
+    runs = []
+    for cached in (False, True):
+        model = build(cfg)
+        cache = FP8WeightCache(model) if cached else None
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)  # the weights move between steps
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        tokens = torch.randint(0, cfg.model.vocab_size, (4, 129), device="cuda", generator=gen)
+        grads = []
+        for _ in range(2):
+            if cache is not None:
+                cache.start_step(n_micro=2)
+            for micro_batch in tokens.chunk(2):
+                with forward_context(cfg):
+                    out = model(micro_batch[:, :-1], labels=micro_batch[:, 1:])
+                (out.lm_loss + 0.3 * out.mtp_loss).backward()
+            grads.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+            optimizer.step()
+            optimizer.zero_grad()
+        if cache is not None:
+            assert all(layer._fp8_workspaces for layer in cache.layers), "a TE layer cached no FP8 weight"
+        runs.append(grads)
+    for step in range(2):
+        _assert_same(runs[1][step], runs[0][step], f"step {step}, weights quantized once vs per micro-batch")
