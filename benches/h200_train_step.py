@@ -120,6 +120,8 @@ def measure(
         "step_ms_each": [round(1e3 * t, 1) for t in step_s],  # the spread: host-bound steps vary
         "optimizer_ms_each": [round(1e3 * t, 1) for t in opt_s],
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "params": n_params, "loss": losses[-1],
+        # times the allocator ran out, freed its cache and retried: each one waits for the GPU
+        "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0),
     }  # fmt: skip
 
 
