@@ -128,17 +128,6 @@ def _flat_buffer(params: list[torch.Tensor], dtype: torch.dtype) -> dict[torch.T
     return views
 
 
-def _follows(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """b starts where a ends, in the same storage, both dense."""
-    return (
-        a.is_contiguous()
-        and b.is_contiguous()
-        and a.dtype == b.dtype
-        and b.data_ptr() == a.data_ptr() + a.numel() * a.element_size()
-        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-    )
-
-
 def _operands(param: torch.Tensor, state: dict) -> list[torch.Tensor]:
     """The kernel's tensors for one parameter, in its argument order."""
     master = [state["master_param"]] if "master_param" in state else []
