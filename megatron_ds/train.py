@@ -7,6 +7,7 @@ Megatron-Core's DDP and distributed optimizer on GPUs), update the MoE balance b
 step's global expert loads, log, and checkpoint when due or when the job is told to stop.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -223,10 +224,9 @@ def train(cfg: Config, run_dir: Path) -> int:
         lr = schedules.learning_rate(t, state.step, state.tokens)
         mtp_weight = schedules.mtp_loss_weight(t, state.tokens)
         BalanceLossGrad.scale = 1.0 / n_micro
-        if fp8_weights is not None:
-            fp8_weights.start_step(n_micro)
 
-        losses = run_micro_batches(batches, n_micro, mtp_weight)  # total, lm, mtp, balance
+        with fp8_weights.step(n_micro) if fp8_weights is not None else contextlib.nullcontext():
+            losses = run_micro_batches(batches, n_micro, mtp_weight)  # total, lm, mtp, balance
         grad_norm = optimizer.reduce_gradients()
         losses = _all_mean(losses, dp_group)
         finite = math.isfinite(grad_norm.item()) and math.isfinite(losses[0].item())

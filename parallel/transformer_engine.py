@@ -37,6 +37,8 @@ rope key's gradient (a forward hook on the TE layer). The attention core gets th
 the norms fused into the column-parallel up-projections and the routed experts stay replicated.
 """
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -200,8 +202,9 @@ class FP8WeightCache:
     schedules arrange: one quantization per step instead of one per micro-batch. Steps of one
     micro-batch have nothing to reuse, so caching stays off there (the copy would only hold memory).
 
-    Set from outside the model: a forward pre-hook on each TE projection adds the flag. A replay of
-    the forward (selective recomputation) finds its layers already quantized this step.
+    Set from outside the model: a forward pre-hook on each TE projection adds the flag, inside `step`
+    only, so a forward outside a training step never sees a copy from before the last update. A replay
+    of the forward (selective recomputation) finds its layers already quantized this step.
     """
 
     def __init__(self, model: nn.Module):
@@ -214,9 +217,15 @@ class FP8WeightCache:
         for layer in self.layers:
             layer.register_forward_pre_hook(self._flag, with_kwargs=True)
 
-    def start_step(self, n_micro: int) -> None:
+    @contextlib.contextmanager
+    def step(self, n_micro: int):
+        """Around the forward and backward passes of one optimizer step's n_micro micro-batches."""
         self.enabled = n_micro > 1
         self.unquantized = set(self.layers)
+        try:
+            yield
+        finally:
+            self.enabled = False
 
     def _flag(self, layer: nn.Module, args: tuple, kwargs: dict):
         if not self.enabled:

@@ -108,3 +108,36 @@ def test_fp8_recipe_names():
     assert precision.fp8_recipe("none") is None
     with pytest.raises(ConfigError, match="choose none, blockwise"):
         precision.fp8_recipe("mxfp8")
+
+
+def test_fp8_weight_cache_flags_the_first_forward_of_each_step_only(monkeypatch):
+    """The hook logic of FP8WeightCache, on stand-ins for TE's projections (TE runs on GPUs only; the
+    real layers are checked on the H200 by tests/gpu/test_te_backend.py): True in a layer's first
+    forward of a step, False after, nothing outside a step or in a step of one micro-batch."""
+    import sys
+    import types
+
+    class Projection(torch.nn.Module):
+        def forward(self, x, is_first_microbatch=None):
+            self.seen.append(is_first_microbatch)
+            return x
+
+    te = types.SimpleNamespace(Linear=Projection, LayerNormLinear=Projection, GroupedLinear=Projection)
+    monkeypatch.setitem(sys.modules, "transformer_engine", types.SimpleNamespace(pytorch=te))
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", te)
+    from parallel.transformer_engine import FP8WeightCache
+
+    model = torch.nn.Sequential(Projection(), torch.nn.Identity(), Projection())
+    for layer in (model[0], model[2]):
+        layer.seen = []
+    cache = FP8WeightCache(model)
+    x = torch.zeros(1)
+    with cache.step(n_micro=2):
+        model(x)
+        model(x)
+    model(x)  # outside a step: TE quantizes as usual
+    with cache.step(n_micro=1):
+        model(x)
+    with cache.step(n_micro=3):
+        model(x)
+    assert model[0].seen == model[2].seen == [True, False, None, None, True]

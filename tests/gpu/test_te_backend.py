@@ -4,6 +4,8 @@ selective recomputation in BF16 and FP8.
 Run on the H200 with benches/h200_gpu_tests.sh; skipped where CUDA or Transformer Engine is missing.
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -158,12 +160,11 @@ def test_fp8_weights_quantized_once_per_step_give_the_same_gradients(monkeypatch
         tokens = torch.randint(0, cfg.model.vocab_size, (4, 129), device="cuda", generator=gen)
         grads = []
         for _ in range(2):
-            if cache is not None:
-                cache.start_step(n_micro=2)
-            for micro_batch in tokens.chunk(2):
-                with forward_context(cfg):
-                    out = model(micro_batch[:, :-1], labels=micro_batch[:, 1:])
-                (out.lm_loss + 0.3 * out.mtp_loss).backward()
+            with cache.step(n_micro=2) if cache is not None else contextlib.nullcontext():
+                for micro_batch in tokens.chunk(2):
+                    with forward_context(cfg):
+                        out = model(micro_batch[:, :-1], labels=micro_batch[:, 1:])
+                    (out.lm_loss + 0.3 * out.mtp_loss).backward()
             grads.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
             optimizer.step()
             optimizer.zero_grad()
