@@ -1,4 +1,4 @@
-"""AdamW for the GPU optimizer backend: one generated kernel per parameter shard, the clip folded in.
+"""AdamW for the GPU optimizer backend: one generated kernel per run of shards, the clip folded in.
 
 Megatron-Core's distributed optimizer steps this rank's shard of every parameter through an inner
 torch optimizer. The one it builds, Transformer Engine's FusedAdam, walks the shards in fixed-size
@@ -75,7 +75,7 @@ class FusedAdamW(torch.optim.Optimizer):
                 group.setdefault(key, value)
         self.param_groups = param_groups
         self.moment_dtype = moment_dtype
-        self._runs: dict[int, tuple] = {}  # id(group) -> (gradient addresses, runs)
+        self._runs: dict[int, tuple] = {}  # id(group) -> (its tensors' addresses, its runs)
 
     def create_states(self) -> None:
         """Every parameter's state now, as the first step would (so that a checkpoint can load into it):
@@ -89,7 +89,7 @@ class FusedAdamW(torch.optim.Optimizer):
             masters = _flat_buffer(low_precision, torch.float32) if low_precision else {}
             for param in new:
                 state = self.state[param]
-                state["exp_avg"], state["exp_avg_sq"] = (m[param].zero_() for m in moments)
+                state["exp_avg"], state["exp_avg_sq"] = (m[param] for m in moments)
                 if param in masters:
                     state["master_param"] = masters[param].copy_(param.detach())
 
