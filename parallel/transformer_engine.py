@@ -14,7 +14,7 @@ parameters' dtype.
 
 Parameter names and initialisation. megatron_ds.model.init initialises the TE model as it does the
 local one (norm weights 1, matrices N(0, std) seeded by name). The names differ from the local
-backend's in two places, and `copy_local_weights` applies this mapping:
+backend's in two places, marked on the TE parameters (`local_counterpart` reads the marks back):
 - `attn.q_norm.weight` -> `attn.wq_b.layer_norm_weight`,
   `attn.kv_norm.weight` -> `attn.wkv_b.layer_norm_weight`: marked (model.init.mark_renamed)
   so that checkpoints hold them under the local names;
@@ -44,7 +44,14 @@ from torch import nn
 
 from megatron_ds.config import Config
 from megatron_ds.model.attention import MLA, Attention
-from megatron_ds.model.init import copy_layout_marks, mark_expert_slice, mark_renamed
+from megatron_ds.model.init import (
+    EXPERT_SLICE_ATTR,
+    canonical_name,
+    copy_layout_marks,
+    mark_expert_slice,
+    mark_renamed,
+    stacked_name,
+)
 from megatron_ds.model.moe import GroupedExperts, MoE
 from megatron_ds.model.norm import MLP, swiglu
 from megatron_ds.model.transformer import MTPModule
@@ -235,28 +242,24 @@ class FP8WeightCache:
         return args, kwargs
 
 
-def te_name(local_name: str, n_experts: int, te_experts: bool = True) -> list[tuple[str, int | None]]:
-    """The TE parameter(s) holding a local-backend parameter: [(name, expert index or None)]; with
-    te_experts False the routed experts kept their stacked weights (torch's grouped GEMM)."""
-    for norm, linear in (("q_norm", "wq_b"), ("kv_norm", "wkv_b")):
-        if local_name.endswith(f"attn.{norm}.weight"):
-            return [(local_name.replace(f"{norm}.weight", f"{linear}.layer_norm_weight"), None)]
-    for w in ("w1", "w2", "w3"):
-        if te_experts and local_name.endswith(f"experts.{w}"):
-            return [(f"{local_name}.weight{e}", e) for e in range(n_experts)]
-    return [(local_name, None)]
+def local_counterpart(name: str, param: torch.Tensor, local: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What `param` (called `name` in a TE-backend model) holds of the local backend's tensors `local`
+    (by name: parameters, or their gradients), read from the marks `apply_transformer_engine` left on
+    it: the tensor of its local name, or, for an expert slice, that expert of the stacked weight,
+    transposed."""
+    local_name = canonical_name(name, param)
+    if not hasattr(param, EXPERT_SLICE_ATTR):
+        return local[local_name]
+    expert = getattr(param, EXPERT_SLICE_ATTR)[0]
+    return local[stacked_name(local_name)][expert].t()
 
 
 @torch.no_grad()
 def copy_local_weights(te_model: nn.Module, local_model: nn.Module) -> None:
     """Load a local-backend model's weights into a TE-backend model of the same config."""
-    te_params = dict(te_model.named_parameters())
-    n_experts = getattr(local_model.args, "n_routed_experts", 0)
-    te_experts = any(isinstance(m, TEGroupedExperts) for m in te_model.modules())
-    for name, param in local_model.named_parameters():
-        for target, expert in te_name(name, n_experts, te_experts):
-            source = param if expert is None else param[expert].t()
-            te_params[target].copy_(source)
+    local = dict(local_model.named_parameters())
+    for name, param in te_model.named_parameters():
+        param.copy_(local_counterpart(name, param, local))
     te_buffers = dict(te_model.named_buffers())
     for name, buffer in local_model.named_buffers():
         te_buffers[name].copy_(buffer)

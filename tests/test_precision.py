@@ -7,7 +7,7 @@ import torch
 
 from megatron_ds import precision
 from megatron_ds.config import ConfigError, load_config
-from parallel.transformer_engine import pad_groups, te_name
+from parallel.transformer_engine import local_counterpart, pad_groups
 
 
 def cfg(*overrides: str):
@@ -91,17 +91,30 @@ def test_pad_groups_aligns_every_expert_and_round_trips():
     assert same is x and same_splits == [16, 32] and no_rows is None
 
 
-def test_te_parameter_mapping():
-    assert te_name("layers.0.attn.q_norm.weight", 4) == [("layers.0.attn.wq_b.layer_norm_weight", None)]
-    assert te_name("mtp.0.block.attn.kv_norm.weight", 4) == [
-        ("mtp.0.block.attn.wkv_b.layer_norm_weight", None)
-    ]
-    assert te_name("layers.1.ffn.experts.w2", 2) == [
-        ("layers.1.ffn.experts.w2.weight0", 0),
-        ("layers.1.ffn.experts.w2.weight1", 1),
-    ]
-    assert te_name("layers.0.attn.wq_a.weight", 4) == [("layers.0.attn.wq_a.weight", None)]
-    assert te_name("layers.1.ffn.experts.w2", 2, te_experts=False) == [("layers.1.ffn.experts.w2", None)]
+def test_te_parameters_find_their_local_counterparts_by_their_marks():
+    """The marks apply_transformer_engine leaves (real marking functions, on stand-in tensors: TE's
+    modules need a GPU) lead each TE parameter back to the local backend's tensor it holds."""
+    from megatron_ds.model.init import mark_expert_slice, mark_renamed
+
+    local = {
+        "layers.1.ffn.experts.w2": torch.randn(4, 3, 5),  # [experts, in, out]
+        "layers.1.attn.q_norm.weight": torch.randn(3),
+        "layers.1.attn.wq_a.weight": torch.randn(2, 3),
+    }
+    expert = torch.empty(5, 3)  # [out, in]: the second of this rank's two experts, expert 3 of 4
+    mark_expert_slice(expert, "w2.weight1", "w2", 3, 4, 2)
+    fused_norm = torch.empty(3)
+    mark_renamed(fused_norm, "wq_b.layer_norm_weight", "q_norm.weight")
+    plain = torch.empty(2, 3)
+    assert torch.equal(
+        local_counterpart("layers.1.ffn.experts.w2.weight1", expert, local),
+        local["layers.1.ffn.experts.w2"][3].t(),
+    )
+    assert (
+        local_counterpart("layers.1.attn.wq_b.layer_norm_weight", fused_norm, local)
+        is (local["layers.1.attn.q_norm.weight"])
+    )
+    assert local_counterpart("layers.1.attn.wq_a.weight", plain, local) is local["layers.1.attn.wq_a.weight"]
 
 
 def test_fp8_recipe_names():
