@@ -87,11 +87,14 @@ def measure(
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as profiler
 
-        with profiler(activities=[ProfilerActivity.CUDA]) as prof:
+        def one_step() -> None:
             loss_fn(model, cfg, batches[0]).backward()
             optimizer.step(1e-4, optimizer.reduce_gradients())
             optimizer.zero_grad()
             torch.cuda.synchronize()
+
+        with profiler(activities=[ProfilerActivity.CUDA]) as prof:
+            one_step()
         # Wide names: the elementwise kernels differ only in their template arguments.
         kernels = prof.key_averages().table(
             sort_by="cuda_time_total", row_limit=40, max_name_column_width=140
@@ -102,10 +105,7 @@ def measure(
         import pstats
 
         with cProfile.Profile() as host:
-            loss_fn(model, cfg, batches[0]).backward()
-            optimizer.step(1e-4, optimizer.reduce_gradients())
-            optimizer.zero_grad()
-            torch.cuda.synchronize()
+            one_step()
         functions = io.StringIO()
         pstats.Stats(host, stream=functions).sort_stats("tottime").print_stats(30)
         with open(profile, "a") as f:

@@ -58,23 +58,30 @@ def test_the_backend_follows_optimizer_impl_and_the_device():
         load_config("tiny", overrides=["train.optimizer_impl=adam"])
 
 
+def _fused_and_torch_adamw(params: list[torch.Tensor], n_decayed: int):
+    """FusedAdamW over `params` and torch's AdamW over fp32 copies of them, the first n_decayed with
+    weight decay, the rest without: (ours, the copies, reference)."""
+    from parallel.fused_adamw import FusedAdamW
+
+    theirs = [torch.nn.Parameter(p.detach().float().clone()) for p in params]
+    hyper = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    ours = FusedAdamW([{"params": params[:n_decayed], "weight_decay": 0.1, **hyper},
+                       {"params": params[n_decayed:], "weight_decay": 0.0, **hyper}])  # fmt: skip
+    reference = torch.optim.AdamW([{"params": theirs[:n_decayed], "weight_decay": 0.1},
+                                   {"params": theirs[n_decayed:], "weight_decay": 0.0}], **hyper)  # fmt: skip
+    return ours, theirs, reference
+
+
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
 def test_fused_adamw_matches_torch_adamw_with_the_clip_folded_in(param_dtype):
     """The GPU backend's inner optimizer (run here by Inductor's CPU code) against torch's AdamW on
     pre-clipped fp32 masters: shards of one parameter (views, as Megatron-Core's are) in decayed and
     undecayed groups, gradients from `decoupled_grad` (as Megatron-Core's precision-aware optimizer
     hands them) or `grad`; a bf16 parameter gets its master rounded."""
-    from parallel.fused_adamw import FusedAdamW
-
     gen = torch.Generator().manual_seed(0)
     whole = torch.nn.Parameter(torch.randn(1317, generator=gen).to(param_dtype))
     params = [whole.view(-1)[a:b] for a, b in ((0, 300), (300, 317), (317, 1317))]  # not leaves
-    theirs = [torch.nn.Parameter(p.detach().float().clone()) for p in params]
-    hyper = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
-    ours = FusedAdamW([{"params": params[:2], "weight_decay": 0.1, **hyper},
-                       {"params": params[2:], "weight_decay": 0.0, **hyper}])  # fmt: skip
-    reference = torch.optim.AdamW([{"params": theirs[:2], "weight_decay": 0.1},
-                                   {"params": theirs[2:], "weight_decay": 0.0}], **hyper)  # fmt: skip
+    ours, theirs, reference = _fused_and_torch_adamw(params, n_decayed=2)
     for scale in [1.0, 0.25, 0.5]:
         grads = [torch.randn(p.shape, generator=gen) for p in params]
         for i, (p, q, g) in enumerate(zip(params, theirs, grads)):
@@ -98,7 +105,7 @@ def test_fused_adamw_steps_back_to_back_shards_as_one_run():
     """Shards and gradients laid out back to back (as in Megatron-Core's buffers) are stepped by one
     kernel per run; a state replaced in between (as Megatron-Core's checkpoint loading does) splits
     the run, and every step still matches torch's AdamW."""
-    from parallel.fused_adamw import FusedAdamW, _runs
+    from parallel.fused_adamw import _runs
 
     gen = torch.Generator().manual_seed(0)
     cuts = ((0, 300), (300, 317), (317, 1000), (1000, 1317))
@@ -107,12 +114,7 @@ def test_fused_adamw_steps_back_to_back_shards_as_one_run():
     params = [whole.view(-1)[a:b] for a, b in cuts]
     for p, (a, b) in zip(params, cuts):
         p.decoupled_grad = grads[a:b]
-    theirs = [torch.nn.Parameter(p.detach().float().clone()) for p in params]
-    hyper = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
-    ours = FusedAdamW([{"params": params[:3], "weight_decay": 0.1, **hyper},
-                       {"params": params[3:], "weight_decay": 0.0, **hyper}])  # fmt: skip
-    reference = torch.optim.AdamW([{"params": theirs[:3], "weight_decay": 0.1},
-                                   {"params": theirs[3:], "weight_decay": 0.0}], **hyper)  # fmt: skip
+    ours, theirs, reference = _fused_and_torch_adamw(params, n_decayed=3)
     for step in range(3):
         grads.copy_(torch.randn(1317, generator=gen))
         for q, (a, b) in zip(theirs, cuts):
