@@ -99,6 +99,13 @@ def measure(
         kernels = prof.key_averages().table(
             sort_by="cuda_time_total", row_limit=40, max_name_column_width=140
         )
+        # The operators behind those kernels, by input shapes and dtypes (which add is which).
+        with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+            one_step()
+        ops = prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_device_time_total", row_limit=30, max_name_column_width=50,
+            max_shapes_column_width=140,
+        )  # fmt: skip
         # And where the host's time goes in one more step (a host-bound step is as long as this).
         import cProfile
         import io
@@ -110,6 +117,7 @@ def measure(
         pstats.Stats(host, stream=functions).sort_stats("tottime").print_stats(30)
         with open(profile, "a") as f:
             f.write(f"\n## {system} {' '.join(overrides)} {preset} mb{micro_batch} {fp8}\n{kernels}\n")
+            f.write(f"\n### operators by input shape\n{ops}\n")
             f.write(f"\n### host functions by own time\n{functions.getvalue()}\n")
     tokens = micro_batch * seq
     seconds = statistics.median(step_s)

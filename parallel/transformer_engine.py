@@ -7,7 +7,10 @@ normalisation and the attention core stay in BF16/FP32):
   `te.LayerNormLinear` each (fused norm + cast + GEMM), and the model's q_norm / kv_norm become identities;
 - the routed experts, when they run in FP8 (megatron_ds.precision.te_grouped_experts), become
   `TEGroupedExperts`: three `te.GroupedLinear` (gate w1, up w3, down w2), with GroupedExperts' `down`
-  split (parallel/recompute.py may replay it); in BF16 they stay on torch's grouped GEMM;
+  split (parallel/recompute.py may replay it); in BF16 they stay on torch's grouped GEMM. Where TE
+  and cuBLAS allow it (TE's grouped-tensor path: cuBLASLt 13.4+, 13.6+ for FP8 block scaling on
+  Hopper) the split sizes stay on the GPU and each projection is one cuBLASLt grouped GEMM; elsewhere
+  TE takes them on the host, one wait per layer;
 - MLA's attention core becomes `TEAttention`, TE's DotProductAttention (BF16, as the report keeps it).
 Under `te.autocast` (megatron_ds.precision.forward_context) these run in FP8; without it, in the
 parameters' dtype.
@@ -61,17 +64,20 @@ from parallel.tensor_parallel import SharedRopeKeyLinear, partition, share_rope_
 
 # FP8 GEMMs need each expert's token count to be a multiple of 16 (TE's alignment for all
 # per-tensor and blockwise FP8 recipes); groups are zero-padded to it and the padding dropped after.
+# TE's grouped-tensor path quantizes all groups in one kernel, in whole 128-row blocks.
 FP8_GROUP_ALIGN = 16
+GROUPED_FP8_GROUP_ALIGN = 128
 
 
 def _skip_init(weight: torch.Tensor) -> None:
     """Weights are filled afterwards by megatron_ds.model.init, identically to the local backend."""
 
 
-def _fp8_enabled() -> bool:
+def _fp8_recipe():
+    """The FP8 recipe of the enclosing te.autocast, or None outside FP8."""
     from transformer_engine.pytorch.quantization import FP8GlobalStateManager
 
-    return FP8GlobalStateManager.is_fp8_enabled()
+    return FP8GlobalStateManager.get_fp8_recipe() if FP8GlobalStateManager.is_fp8_enabled() else None
 
 
 class TEAttention(nn.Module):
@@ -99,14 +105,18 @@ class TEAttention(nn.Module):
 class TEGroupedExperts(nn.Module):
     """The routed experts' SwiGLU FFNs on TE's grouped GEMM (FP8 under te.autocast)."""
 
-    def __init__(self, experts: GroupedExperts, dtype: torch.dtype, device):
-        """Experts [first, first + n_local) of n_experts, as `experts` (the local backend's) holds them."""
+    def __init__(self, experts: GroupedExperts, dtype: torch.dtype, device, grouped_tensor: bool = True):
+        """Experts [first, first + n_local) of n_experts, as `experts` (the local backend's) holds them.
+        grouped_tensor: use TE's grouped-tensor path where TE and cuBLAS support it."""
         super().__init__()
         import transformer_engine.pytorch as te
 
         n_local, dim, inter_dim = experts.w1.shape
         first, n_experts = getattr(experts, "first", 0), getattr(experts, "n_experts", n_local)
         kw = dict(bias=False, params_dtype=dtype, device=device, init_method=_skip_init)
+        if grouped_tensor:
+            kw["use_grouped_tensor"] = True
+        self.grouped_tensor = grouped_tensor
         self.w1 = te.GroupedLinear(n_local, dim, inter_dim, **kw)  # gate
         self.w3 = te.GroupedLinear(n_local, dim, inter_dim, **kw)  # up
         self.w2 = te.GroupedLinear(n_local, inter_dim, dim, **kw)  # down
@@ -118,16 +128,30 @@ class TEGroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x holds tokens sorted by local expert; counts[e] of them belong to expert e."""
-        splits = counts.tolist()  # TE's grouped GEMM takes host-side split sizes
-        rows = None
-        if _fp8_enabled():
-            x, splits, rows = pad_groups(x, counts, splits, FP8_GROUP_ALIGN)
+        recipe, rows = _fp8_recipe(), None
+        if self.grouped_tensor and grouped_tensor_path(recipe, x.dtype):
+            splits = counts  # stays on the GPU
+            if recipe is not None:
+                x, splits, rows = pad_groups_on_device(x, counts, GROUPED_FP8_GROUP_ALIGN)
+        else:
+            splits = counts.tolist()  # TE's split-quantize path takes host-side split sizes
+            if recipe is not None:
+                x, splits, rows = pad_groups(x, counts, splits, FP8_GROUP_ALIGN)
         out = self.down(self.w1(x, splits), self.w3(x, splits), splits)
         return out if rows is None else out.index_select(0, rows)
 
-    def down(self, gate: torch.Tensor, up: torch.Tensor, splits: list[int]) -> torch.Tensor:
+    def down(self, gate: torch.Tensor, up: torch.Tensor, splits) -> torch.Tensor:
         """w2(SwiGLU) per expert, as GroupedExperts.down: the part selective recomputation may replay."""
         return self.w2(swiglu(gate, up), splits)
+
+
+def grouped_tensor_path(recipe, dtype: torch.dtype) -> bool:
+    """Whether TE's GroupedLinear runs its grouped-tensor path (split sizes on the GPU, one cuBLASLt
+    grouped GEMM) for this recipe (None: no FP8) and activation dtype on this GPU and cuBLAS."""
+    from transformer_engine.pytorch.module import grouped_linear
+
+    supported = getattr(grouped_linear, "is_module_grouped_tensor_path_supported", None)
+    return supported is not None and supported(recipe, dtype)
 
 
 def pad_groups(x: torch.Tensor, counts: torch.Tensor, splits: list[int], align: int):
@@ -136,14 +160,32 @@ def pad_groups(x: torch.Tensor, counts: torch.Tensor, splits: list[int], align: 
     padded = [-(-c // align) * align for c in splits]
     if padded == splits:
         return x, splits, None
-    # Rows added before expert e+1, from the device counts (a host list would be another H2D wait).
-    shift = ((counts + align - 1) // align * align - counts).cumsum(0)
-    shift = torch.cat([shift.new_zeros(1), shift[:-1]])
-    expert = torch.repeat_interleave(
-        torch.arange(len(splits), device=x.device), counts, output_size=x.size(0)
-    )
-    rows = torch.arange(x.size(0), device=x.device) + shift[expert]
+    rows = _padded_rows(x, counts, (counts + align - 1) // align * align)  # a host list would be an H2D wait
     return x.new_zeros(sum(padded), x.size(1)).index_copy(0, rows, x), padded, rows
+
+
+def pad_groups_on_device(x: torch.Tensor, counts: torch.Tensor, align: int):
+    """pad_groups without reading the counts on the host: the padded size is the bound
+    round_up(rows, align) + align * experts, and the blocks left over after aligning each group are
+    spread over the groups (zeros, computed and dropped). Returns (padded x, padded counts on the
+    device, the padded row of every original row)."""
+    n = counts.numel()
+    total = -(-x.size(0) // align) * align + align * n
+    padded = (counts + align - 1) // align * align
+    spare = (total - padded.sum()) // align  # whole blocks, >= 0
+    padded = padded + align * (spare // n + (torch.arange(n, device=counts.device) < spare % n))
+    rows = _padded_rows(x, counts, padded)
+    return x.new_zeros(total, x.size(1)).index_copy(0, rows, x), padded, rows
+
+
+def _padded_rows(x: torch.Tensor, counts: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:
+    """Where each of x's rows goes when expert e's counts[e] rows are given padded[e] rows."""
+    added = padded - counts
+    shift = added.cumsum(0) - added  # rows added before expert e
+    expert = torch.repeat_interleave(
+        torch.arange(counts.numel(), device=x.device), counts, output_size=x.size(0)
+    )
+    return torch.arange(x.size(0), device=x.device) + shift[expert]
 
 
 def _linear(linear: nn.Module, dtype, device, norm: nn.Module | None = None):

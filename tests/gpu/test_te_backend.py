@@ -172,3 +172,42 @@ def test_fp8_weights_quantized_once_per_step_give_the_same_gradients(monkeypatch
         runs.append(grads)
     for step in range(2):
         _assert_same(runs[1][step], runs[0][step], f"step {step}, weights quantized once vs per micro-batch")
+
+
+@pytest.mark.parametrize("fp8", ["none", "blockwise"])
+def test_te_experts_grouped_tensor_path_matches_the_split_path(fp8):
+    """TE's grouped-tensor path (split sizes on the GPU, 128-row groups in FP8) against its split
+    path (host split sizes, 16-row groups): the same outputs and gradients, to BF16 rounding, or in FP8
+    to the noise of quantizing gradients in differently grouped 128-token tiles."""
+    from megatron_ds.model.moe import GroupedExperts
+    from megatron_ds.precision import fp8_recipe
+    from parallel.transformer_engine import TEGroupedExperts, copy_local_weights, grouped_tensor_path
+
+    recipe = None if fp8 == "none" else fp8_recipe(fp8)
+    if not grouped_tensor_path(recipe, torch.bfloat16):
+        pytest.skip("TE's grouped-tensor path needs cuBLASLt 13.4+ (13.6+ for FP8 block scaling)")
+    torch.manual_seed(0)
+    local = GroupedExperts(8, 256, 128).cuda().to(torch.bfloat16)
+    with torch.no_grad():
+        for w in local.parameters():
+            w.normal_(0, 0.02)
+    counts = torch.tensor([0, 5, 300, 128, 1, 77, 129, 40], device="cuda")  # empty, aligned and not
+    x = torch.randn(int(counts.sum()), 256, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(x.shape, device="cuda", dtype=torch.bfloat16)
+    import transformer_engine.pytorch as te
+
+    results = []
+    for grouped in (False, True):
+        experts = TEGroupedExperts(local, torch.bfloat16, "cuda", grouped_tensor=grouped)
+        copy_local_weights(experts, local)
+        xi = x.clone().requires_grad_(True)
+        with te.autocast(enabled=recipe is not None, recipe=recipe):
+            out = experts(xi, counts)
+        out.backward(dy)
+        results.append((out, xi.grad, [p.grad for p in experts.parameters()]))
+    (out0, dx0, dw0), (out1, dx1, dw1) = results
+    tol = 1e-2 if recipe is None else 6e-2
+    assert out1.shape == out0.shape and rel(out1, out0) < tol
+    assert rel(dx1, dx0) < tol
+    assert max(rel(a, b) for a, b in zip(dw1, dw0) if b.norm() > 0) < tol
+    assert all(a.norm() == 0 for a, b in zip(dw1, dw0) if b.norm() == 0)  # expert 0 got no tokens
