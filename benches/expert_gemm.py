@@ -132,7 +132,7 @@ def main() -> None:
 
     paths = [("torch", experts, list(experts.parameters()))]
     for name, grouped_tensor in (("te", False), ("te-grouped", True)):
-        module = TEGroupedExperts(experts, torch.bfloat16, "cuda", grouped_tensor=grouped_tensor)
+        module = TEGroupedExperts(experts, torch.bfloat16, "cuda", fp8=True, grouped_tensor=grouped_tensor)
         copy_local_weights(module, experts)
         paths.append((name, module, list(module.parameters())))
     try:

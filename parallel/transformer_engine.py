@@ -105,21 +105,24 @@ class TEAttention(nn.Module):
 class TEGroupedExperts(nn.Module):
     """The routed experts' SwiGLU FFNs on TE's grouped GEMM (FP8 under te.autocast)."""
 
-    def __init__(self, experts: GroupedExperts, dtype: torch.dtype, device, grouped_tensor: bool = True):
+    def __init__(
+        self, experts: GroupedExperts, dtype: torch.dtype, device, fp8: bool, grouped_tensor: bool = True
+    ):
         """Experts [first, first + n_local) of n_experts, as `experts` (the local backend's) holds them.
-        grouped_tensor: use TE's grouped-tensor path where TE and cuBLAS support it."""
+        fp8: the run trains in FP8; grouped_tensor: use TE's grouped-tensor path where TE and cuBLAS
+        support it."""
         super().__init__()
         import transformer_engine.pytorch as te
 
         n_local, dim, inter_dim = experts.w1.shape
         first, n_experts = getattr(experts, "first", 0), getattr(experts, "n_experts", n_local)
+        # In FP8 the grouped path is taken only for experts of whole 128-blocks: the tiny model (64-wide
+        # experts) trained measurably worse through it on the H200, so narrower experts keep the split
+        # path. TE picks the path for the module, not per call: decided here.
+        self.grouped_tensor = grouped_tensor and (not fp8 or (dim % 128 == 0 and inter_dim % 128 == 0))
         kw = dict(bias=False, params_dtype=dtype, device=device, init_method=_skip_init)
-        if grouped_tensor:
+        if self.grouped_tensor:
             kw["use_grouped_tensor"] = True
-        self.grouped_tensor = grouped_tensor
-        # TE's grouped FP8 GEMM is used only where every dimension is whole 128-blocks: the tiny model
-        # (64-wide experts) trained measurably worse through it, so narrower experts keep the split path.
-        self.whole_fp8_blocks = dim % 128 == 0 and inter_dim % 128 == 0
         self.w1 = te.GroupedLinear(n_local, dim, inter_dim, **kw)  # gate
         self.w3 = te.GroupedLinear(n_local, dim, inter_dim, **kw)  # up
         self.w2 = te.GroupedLinear(n_local, inter_dim, dim, **kw)  # down
@@ -132,8 +135,7 @@ class TEGroupedExperts(nn.Module):
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x holds tokens sorted by local expert; counts[e] of them belong to expert e."""
         recipe, rows = _fp8_recipe(), None
-        grouped = self.grouped_tensor and (recipe is None or self.whole_fp8_blocks)
-        if grouped and grouped_tensor_path(recipe, x.dtype):
+        if self.grouped_tensor and grouped_tensor_path(recipe, x.dtype):
             splits = counts  # stays on the GPU
             if recipe is not None:
                 x, splits, rows = pad_groups_on_device(x, counts, GROUPED_FP8_GROUP_ALIGN)
@@ -246,7 +248,7 @@ def apply_transformer_engine(model: nn.Module, cfg: Config, tp_group=None) -> No
         elif isinstance(module, MTPModule):
             module.eh_proj = _linear(module.eh_proj, dtype, device)
         elif swap_experts and isinstance(module, MoE) and isinstance(module.experts, GroupedExperts):
-            module.experts = TEGroupedExperts(module.experts, dtype, device)
+            module.experts = TEGroupedExperts(module.experts, dtype, device, cfg.precision.fp8 != "none")
 
 
 class FP8WeightCache:

@@ -200,7 +200,7 @@ def test_te_experts_grouped_tensor_path_matches_the_split_path(fp8):
 
     results = []
     for grouped in (False, True):
-        experts = TEGroupedExperts(local, torch.bfloat16, "cuda", grouped_tensor=grouped)
+        experts = TEGroupedExperts(local, torch.bfloat16, "cuda", fp8=True, grouped_tensor=grouped)
         copy_local_weights(experts, local)
         xi = x.clone().requires_grad_(True)
         with te.autocast(enabled=recipe is not None, recipe=recipe):
