@@ -25,10 +25,10 @@ time is launch-bound.
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
+from timing import gpu_and_host_ms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -36,36 +36,25 @@ os.environ.setdefault("NVTE_GROUPED_LINEAR_SINGLE_PARAM", "1")  # TE gates singl
 
 
 def single_weight_experts(experts):
-    """TE's grouped-tensor path with one grouped weight per projection, as a callable(x, counts)."""
+    """TEGroupedExperts on the grouped-tensor path, its projections rebuilt with one grouped weight each."""
     import transformer_engine.pytorch as te
 
-    from megatron_ds.model.norm import swiglu
-    from parallel.transformer_engine import GROUPED_FP8_GROUP_ALIGN, _fp8_recipe, pad_groups_on_device
+    from parallel.transformer_engine import TEGroupedExperts
 
+    module = TEGroupedExperts(experts, torch.bfloat16, "cuda", fp8=True)
     n_local, dim, inter_dim = experts.w1.shape
     kw = dict(bias=False, params_dtype=torch.bfloat16, device="cuda", use_grouped_tensor=True,
               single_grouped_weight=True)  # fmt: skip
-    layers = {
-        "w1": te.GroupedLinear(n_local, dim, inter_dim, **kw),
-        "w3": te.GroupedLinear(n_local, dim, inter_dim, **kw),
-        "w2": te.GroupedLinear(n_local, inter_dim, dim, **kw),
-    }
-    with torch.no_grad():
-        for name, layer in layers.items():
+    shapes = {"w1": (dim, inter_dim), "w3": (dim, inter_dim), "w2": (inter_dim, dim)}
+    for name, (n_in, n_out) in shapes.items():
+        layer = te.GroupedLinear(n_local, n_in, n_out, **kw)
+        with torch.no_grad():
             layer.weight.copy_(getattr(experts, name).transpose(1, 2))  # local [E, in, out] -> [E, out, in]
-
-    def run(x, counts):
-        w1, w3, w2 = layers["w1"], layers["w3"], layers["w2"]
-        rows = None
-        if _fp8_recipe() is not None:
-            x, counts, rows = pad_groups_on_device(x, counts, GROUPED_FP8_GROUP_ALIGN)
-        out = w2(swiglu(w1(x, counts), w3(x, counts)), counts)
-        return out if rows is None else out.index_select(0, rows)
-
-    return run, [p for layer in layers.values() for p in layer.parameters()]
+        setattr(module, name, layer)
+    return module
 
 
-def measure(name: str, run, params, x, counts, recipe, reference, iters: int) -> dict:
+def measure(name: str, experts, x, counts, recipe, reference, iters: int) -> dict:
     import transformer_engine.pytorch as te
 
     x = x.detach().requires_grad_(True)
@@ -73,7 +62,7 @@ def measure(name: str, run, params, x, counts, recipe, reference, iters: int) ->
 
     def step():
         with te.autocast(enabled=recipe is not None, recipe=recipe):
-            out = run(x, counts)
+            out = experts(x, counts)
         out.backward(grad)
         return out
 
@@ -82,20 +71,9 @@ def measure(name: str, run, params, x, counts, recipe, reference, iters: int) ->
     except Exception as error:  # noqa: BLE001 - an unsupported path is a row of the table
         return {"path": name, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:150]}"}
     rel = ((out.float() - reference).norm() / reference.norm()).item()
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    host = time.perf_counter()
-    start.record()
-    for _ in range(iters):
-        step()
-    end.record()
-    host = (time.perf_counter() - host) * 1e3 / iters
-    end.synchronize()
-    for p in params:
-        p.grad = None
-    return {"path": name, "ms": start.elapsed_time(end) / iters, "host_ms": host, "rel_err": rel}
+    ms, host_ms = gpu_and_host_ms(step, warmup=3, iters=iters)
+    experts.zero_grad(set_to_none=True)
+    return {"path": name, "ms": ms, "host_ms": host_ms, "rel_err": rel}
 
 
 def main() -> None:
@@ -130,14 +108,13 @@ def main() -> None:
     with torch.no_grad():
         reference = experts(x, counts).float()
 
-    paths = [("torch", experts, list(experts.parameters()))]
+    paths = [("torch", experts)]
     for name, grouped_tensor in (("te", False), ("te-grouped", True)):
         module = TEGroupedExperts(experts, torch.bfloat16, "cuda", fp8=True, grouped_tensor=grouped_tensor)
         copy_local_weights(module, experts)
-        paths.append((name, module, list(module.parameters())))
+        paths.append((name, module))
     try:
-        run, params = single_weight_experts(experts)
-        paths.append(("te-grouped-one", run, params))
+        paths.append(("te-grouped-one", single_weight_experts(experts)))
     except Exception as error:  # noqa: BLE001 - an unsupported path is a line of the output
         print(f"te-grouped-one not built: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
 
@@ -150,10 +127,10 @@ def main() -> None:
         recipe = None if recipe_name == "none" else fp8_recipe(recipe_name)
         if not grouped_tensor_path(recipe, torch.bfloat16):
             print(f"| {recipe_name} | (TE's grouped-tensor path unsupported: te-grouped runs as te) | | | |")
-        for name, run, params in paths:
+        for name, module in paths:
             if name == "torch" and recipe is not None:
                 continue  # BF16 only
-            r = measure(name, run, params, x, counts, recipe, reference, args.iters)
+            r = measure(name, module, x, counts, recipe, reference, args.iters)
             if "error" in r:
                 print(f"| {recipe_name} | {name} | {r['error']} | | |", flush=True)
             else:

@@ -66,9 +66,10 @@ def te_grouped_experts(cfg: Config) -> bool:
     """Whether the routed experts run on TE's GroupedLinear (precision.expert_gemm).
 
     Only FP8 needs it. In BF16 torch's grouped GEMM is the better tool: it takes the experts' split
-    offsets on the GPU, where TE's reads split sizes back to the host in every MoE layer (the GPU
-    drains while the CPU catches up), and one stacked weight per projection keeps per-parameter
-    work in DDP and the optimizer to 3 tensors per layer instead of 3 per expert.
+    offsets on the GPU, where TE's split path (any cuBLAS too old for TE's grouped-tensor path) reads
+    split sizes back to the host in every MoE layer (the GPU drains while the CPU catches up), and one
+    stacked weight per projection keeps per-parameter work in DDP and the optimizer to 3 tensors per
+    layer instead of 3 per expert.
     """
     pr = cfg.precision
     return pr.expert_gemm == "te" or (pr.expert_gemm == "auto" and pr.fp8 != "none")

@@ -163,10 +163,10 @@ def grouped_tensor_path(recipe, dtype: torch.dtype) -> bool:
 def pad_groups(x: torch.Tensor, counts: torch.Tensor, splits: list[int], align: int):
     """Zero-pad each expert's rows to a multiple of `align`. Returns (padded x, padded splits,
     the padded row of every original row), or x unchanged and rows None when already aligned."""
-    padded = [-(-c // align) * align for c in splits]
+    padded = [_round_up(c, align) for c in splits]
     if padded == splits:
         return x, splits, None
-    rows = _padded_rows(x, counts, (counts + align - 1) // align * align)  # a host list would be an H2D wait
+    rows = _padded_rows(x, counts, _round_up(counts, align))  # device counts: `padded` would be an H2D copy
     return x.new_zeros(sum(padded), x.size(1)).index_copy(0, rows, x), padded, rows
 
 
@@ -176,12 +176,17 @@ def pad_groups_on_device(x: torch.Tensor, counts: torch.Tensor, align: int):
     spread over the groups (zeros, computed and dropped). Returns (padded x, padded counts on the
     device, the padded row of every original row)."""
     n = counts.numel()
-    total = -(-x.size(0) // align) * align + align * n
-    padded = (counts + align - 1) // align * align
+    total = _round_up(x.size(0), align) + align * n
+    padded = _round_up(counts, align)
     spare = (total - padded.sum()) // align  # whole blocks, >= 0
     padded = padded + align * (spare // n + (torch.arange(n, device=counts.device) < spare % n))
     rows = _padded_rows(x, counts, padded)
     return x.new_zeros(total, x.size(1)).index_copy(0, rows, x), padded, rows
+
+
+def _round_up(n, align: int):
+    """n (an int, or a tensor of them) rounded up to a multiple of align."""
+    return -(-n // align) * align
 
 
 def _padded_rows(x: torch.Tensor, counts: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:

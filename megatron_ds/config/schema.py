@@ -79,8 +79,9 @@ class PrecisionConfig:
     fp8: str = "none"  # none | blockwise (1x128 / 128x128, DeepSeek-V3) | delayed | current
     fp8_dispatch: bool = False  # send the MoE dispatch payload in FP8 (GPU only)
     # The routed experts' grouped GEMM: torch (torch._grouped_mm: one stacked weight, split offsets stay
-    # on the GPU, BF16/FP32), te (TE's GroupedLinear: FP8, split sizes read back to the host in every
-    # MoE layer), auto (te under FP8, else torch)
+    # on the GPU, BF16/FP32), te (TE's GroupedLinear: FP8, one weight per expert; split sizes read back
+    # to the host in every MoE layer unless cuBLAS allows TE's grouped-tensor path), auto (te under FP8,
+    # else torch)
     expert_gemm: str = "auto"
     bf16_optimizer_moments: bool = False  # keep AdamW's moments in BF16, as the report does
 
