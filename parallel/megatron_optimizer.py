@@ -5,7 +5,8 @@ fp32 buffers and reduce-scatters them over the data-parallel ranks; its distribu
 fp32 master weights and the moments for this rank's 1/DP of every buffer and all-gathers the updated
 parameters. The model itself is unchanged: DDP only hooks its parameters, and Transformer Engine's
 layers (precision.linear_impl=te) write their weight gradients into those fp32 buffers from the GEMM
-itself (TE's fuse_wgrad_accumulation) instead of a bf16 gradient that a hook then adds.
+itself (TE's fuse_wgrad_accumulation) instead of a bf16 gradient that a hook then adds; so do the
+embedding and the output head (megatron_ds.model.vocab), on either backend.
 
 The inner optimizer that steps this rank's shards is ours, parallel.fused_adamw.FusedAdamW (one
 generated kernel per shard, with the global-norm clip folded in as a device scalar); it replaces the one

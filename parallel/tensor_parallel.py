@@ -92,8 +92,9 @@ class VocabParallelHead(OutputHead):
         nn.Module.__init__(self)
         self.linear = linear
 
-    def token_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return vocab_parallel_cross_entropy(logits.float(), labels)
+    def token_loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self(h.flatten(0, -3))  # Megatron-Core's layers take 3-D [s, b, h] inputs
+        return vocab_parallel_cross_entropy(logits.float(), labels.flatten(0, -2)).view_as(labels)
 
 
 def megatron_config(tp_size: int, dtype: torch.dtype, device: torch.device) -> ModelParallelConfig:

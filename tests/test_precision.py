@@ -7,7 +7,7 @@ import torch
 
 from megatron_ds import precision
 from megatron_ds.config import ConfigError, load_config
-from parallel.transformer_engine import local_counterpart, pad_groups, pad_groups_on_device
+from parallel.transformer_engine import local_counterpart, pad_groups, pad_groups_on_device, unpad_groups
 
 
 def cfg(*overrides: str):
@@ -89,6 +89,22 @@ def test_pad_groups_aligns_every_expert_and_round_trips():
     assert torch.equal(x.grad, torch.ones_like(x))
     same, same_splits, no_rows = pad_groups(x, torch.tensor([16, 32]), [16, 32], 16)
     assert same is x and same_splits == [16, 32] and no_rows is None
+
+
+def test_unpad_groups_gradient_is_index_selects():
+    """The padded rows' gradient: the output's at the kept rows, zeros at the padding."""
+    counts = torch.tensor([3, 0, 130, 128])
+    x = torch.randn(int(counts.sum()), 8)
+    padded, _, rows = pad_groups_on_device(x, counts, 128)
+    probe = torch.randn_like(x)
+    grads = []
+    for unpad in (unpad_groups, lambda p, r: p.index_select(0, r)):
+        leaf = padded.clone().requires_grad_()
+        out = unpad(leaf, rows)
+        assert torch.equal(out, x)
+        (out * probe).sum().backward()
+        grads.append(leaf.grad)
+    assert torch.equal(*grads)
 
 
 def test_pad_groups_on_device_aligns_every_expert_to_a_size_known_without_the_counts():

@@ -11,10 +11,9 @@ backward adds a tiny one for the [T, K] weight gradients). Sums over the K copie
 gradients accumulate in fp32 (or wider) and come back in the inputs' dtypes.
 """
 
-import functools
-
 import torch
-from torch.utils._triton import has_triton
+
+from megatron_ds.model.compiled import accumulator, run_fused
 
 
 def sort_copies(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,24 +43,24 @@ class GatherCopies(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, order, inverse):
         ctx.save_for_backward(inverse)
-        return _run(_gather_rows, x, order, inverse.size(1))
+        return run_fused(_gather_rows, x, order, inverse.size(1))
 
     @staticmethod
     def backward(ctx, grad_rows):
         (inverse,) = ctx.saved_tensors
-        return _run(_sum_copies, grad_rows, inverse), None, None
+        return run_fused(_sum_copies, grad_rows, inverse), None, None
 
 
 class WeightedCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, order, inverse, weights):
         ctx.save_for_backward(rows, order, inverse, weights)
-        return _run(_weighted_sum, rows, inverse, weights)
+        return run_fused(_weighted_sum, rows, inverse, weights)
 
     @staticmethod
     def backward(ctx, grad_out):
         rows, order, inverse, weights = ctx.saved_tensors
-        grad_rows, grad_weights = _run(_weighted_sum_backward, grad_out, rows, order, inverse, weights)
+        grad_rows, grad_weights = run_fused(_weighted_sum_backward, grad_out, rows, order, inverse, weights)
         return grad_rows, None, None, grad_weights
 
 
@@ -74,45 +73,20 @@ def _gather_rows(x, order, k: int):
 
 
 def _sum_copies(grad_rows, inverse):
-    acc = _accumulator(grad_rows.dtype)
+    acc = accumulator(grad_rows.dtype)
     return sum(grad_rows[inverse[:, j]].to(acc) for j in range(inverse.size(1))).to(grad_rows.dtype)
 
 
 def _weighted_sum(rows, inverse, weights):
-    acc = _accumulator(rows.dtype)
+    acc = accumulator(rows.dtype)
     copies = (rows[inverse[:, j]].to(acc) * weights[:, j, None].to(acc) for j in range(inverse.size(1)))
     return sum(copies).to(rows.dtype)
 
 
 def _weighted_sum_backward(grad_out, rows, order, inverse, weights):
     """Both gradients from one pass over the sorted rows; the weights' come back through `inverse`."""
-    acc = _accumulator(rows.dtype)
+    acc = accumulator(rows.dtype)
     grad_copy = grad_out[order // weights.size(1)].to(acc)
     grad_rows = grad_copy * weights.flatten()[order].to(acc).unsqueeze(-1)
     grad_weights = (grad_copy * rows.to(acc)).sum(-1)[inverse]
     return grad_rows.to(rows.dtype), grad_weights.to(weights.dtype)
-
-
-def _accumulator(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _run(body, *args):
-    """body(*args), compiled where Inductor can generate Triton for it (CUDA), eager elsewhere.
-
-    Eager CPU keeps CI free of compilation; on the GPU eager would write and re-read the gathered
-    rows and their fp32 copies, which the compiled kernels keep in registers.
-    """
-    if _compiles(args[0].device.type):
-        return _compiled(body)(*args)
-    return body(*args)
-
-
-@functools.cache
-def _compiles(device_type: str) -> bool:
-    return device_type == "cuda" and has_triton()
-
-
-@functools.cache
-def _compiled(body):
-    return torch.compile(body, dynamic=False)

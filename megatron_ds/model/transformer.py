@@ -7,7 +7,6 @@ whichever pipeline stage holds a layer, and a stage is the model with the other 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatron_ds.config import ModelConfig
@@ -15,6 +14,7 @@ from megatron_ds.model.attention import MLA, document_causal_mask
 from megatron_ds.model.moe import MoE
 from megatron_ds.model.norm import MLP, RMSNorm
 from megatron_ds.model.rope import rotary_table
+from megatron_ds.model.vocab import Embedding, linear_cross_entropy
 
 
 class Block(nn.Module):
@@ -33,7 +33,7 @@ class Block(nn.Module):
 
 
 class OutputHead(nn.Module):
-    """The output projection and its per-token cross-entropy (vocab-parallel under TP)."""
+    """The output projection, and the per-token cross-entropy of its logits (vocab-parallel under TP)."""
 
     def __init__(self, dim: int, vocab_size: int):
         super().__init__()
@@ -42,10 +42,9 @@ class OutputHead(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.linear(h)
 
-    def token_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(
-            labels
-        )
+    def token_loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """fp32 cross-entropy of each position's logits (from hidden state h) against its label."""
+        return linear_cross_entropy(h, self.linear.weight, labels)
 
 
 class MTPModule(nn.Module):
@@ -82,7 +81,7 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelConfig):
         super().__init__()
         self.args = args
-        self.embed = nn.Embedding(args.vocab_size, args.dim)
+        self.embed = Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleDict({str(i): Block(i, args) for i in range(args.n_layers)})
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.head = OutputHead(args.dim, args.vocab_size)
@@ -109,23 +108,24 @@ class Transformer(nn.Module):
         if self.head is None:
             return h
         h = self.norm(h)
-        logits = self.head(h)
         if labels is None:
-            return logits
+            return self.head(h)
         if loss_mask is None:
             loss_mask = torch.ones_like(labels, dtype=torch.float32)
-        lm_loss = self._masked_mean(self.head.token_loss(logits, labels), loss_mask)
-        mtp_losses = []
+        hidden, targets, masks = [h], [labels], [loss_mask]
         for k, module in enumerate(self.mtp, start=1):
             # Depth k at position i sees token t_{i+k} (= labels[i+k-1]) and predicts t_{i+k+1}.
             h = module(h, self.embed(labels.roll(-(k - 1), dims=1)), rope, attn_mask)
-            targets = labels.roll(-k, dims=1)
             valid = loss_mask.roll(-k, dims=1).clone()
             valid[:, labels.size(1) - k :] = 0
-            mtp_logits = self.head(h)
-            mtp_losses.append(self._masked_mean(self.head.token_loss(mtp_logits, targets), valid))
-        mtp_loss = torch.stack(mtp_losses).mean() if mtp_losses else lm_loss.new_zeros(())
-        return LossOutput(lm_loss, mtp_loss)
+            hidden.append(h)
+            targets.append(labels.roll(-k, dims=1))
+            masks.append(valid)
+        # One pass of the shared head over every depth: its weight gradient is formed once.
+        token_losses = self.head.token_loss(torch.stack(hidden), torch.stack(targets))
+        losses = [self._masked_mean(loss, mask) for loss, mask in zip(token_losses, masks)]
+        mtp_loss = torch.stack(losses[1:]).mean() if self.mtp else losses[0].new_zeros(())
+        return LossOutput(losses[0], mtp_loss)
 
     def rope(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The rotary table, built once per length and device: not a host-to-GPU copy every forward."""

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megatron_ds.model import permutation
+from megatron_ds.model import compiled as compiled_module
 from megatron_ds.model.permutation import gather_copies, sort_copies, weighted_combine
 
 TOLERANCE = {torch.float64: {"rtol": 1e-12, "atol": 1e-12}, torch.float32: {"rtol": 1e-6, "atol": 1e-6}}
@@ -88,7 +88,7 @@ def test_compiled_bodies_match_eager(monkeypatch):
     order, inverse = sort_copies(indices)
     results = []
     for compiled in (False, True):
-        monkeypatch.setattr(permutation, "_compiles", lambda device_type, compiled=compiled: compiled)
+        monkeypatch.setattr(compiled_module, "_compiles", lambda device_type, compiled=compiled: compiled)
         xs, ws = leaves(x, weights)
         out = weighted_combine(gather_copies(xs, order, inverse).tanh(), order, inverse, ws)
         (out * probe).sum().backward()

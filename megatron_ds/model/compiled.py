@@ -1,0 +1,32 @@
+"""Small fused kernels: a body compiled by Inductor on a CUDA GPU, run eagerly elsewhere.
+
+Eager CPU keeps CI free of compilation; on the GPU eager would write and re-read every intermediate
+(gathered rows, fp32 copies of bf16 tensors), which the compiled kernels keep in registers.
+"""
+
+import functools
+
+import torch
+from torch.utils._triton import has_triton
+
+
+def run_fused(body, *args):
+    """body(*args), compiled where Inductor can generate Triton for it (a CUDA device), eager elsewhere."""
+    if _compiles(args[0].device.type):
+        return _compiled(body)(*args)
+    return body(*args)
+
+
+def accumulator(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels accumulate and compute softmaxes in: fp32, or the inputs' if wider."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+@functools.cache
+def _compiles(device_type: str) -> bool:
+    return device_type == "cuda" and has_triton()
+
+
+@functools.cache
+def _compiled(body):
+    return torch.compile(body, dynamic=False)
