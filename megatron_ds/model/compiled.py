@@ -12,7 +12,7 @@ from torch.utils._triton import has_triton
 
 def run_fused(body, *args):
     """body(*args), compiled where Inductor can generate Triton for it (a CUDA device), eager elsewhere."""
-    if _compiles(args[0].device.type):
+    if compiles(args[0].device.type):
         return _compiled(body)(*args)
     return body(*args)
 
@@ -23,7 +23,8 @@ def accumulator(dtype: torch.dtype) -> torch.dtype:
 
 
 @functools.cache
-def _compiles(device_type: str) -> bool:
+def compiles(device_type: str) -> bool:
+    """Whether run_fused compiles on this device type."""
     return device_type == "cuda" and has_triton()
 
 
