@@ -167,7 +167,7 @@ def pad_groups(x: torch.Tensor, counts: torch.Tensor, splits: list[int], align: 
     if padded == splits:
         return x, splits, None
     rows = _padded_rows(x, counts, _round_up(counts, align))  # device counts: `padded` would be an H2D copy
-    return x.new_zeros(sum(padded), x.size(1)).index_copy(0, rows, x), padded, rows
+    return _place_rows(x, rows, sum(padded)), padded, rows
 
 
 def pad_groups_on_device(x: torch.Tensor, counts: torch.Tensor, align: int):
@@ -181,7 +181,12 @@ def pad_groups_on_device(x: torch.Tensor, counts: torch.Tensor, align: int):
     spare = (total - padded.sum()) // align  # whole blocks, >= 0
     padded = padded + align * (spare // n + (torch.arange(n, device=counts.device) < spare % n))
     rows = _padded_rows(x, counts, padded)
-    return x.new_zeros(total, x.size(1)).index_copy(0, rows, x), padded, rows
+    return _place_rows(x, rows, total), padded, rows
+
+
+def _place_rows(x: torch.Tensor, rows: torch.Tensor, total: int) -> torch.Tensor:
+    """x's rows at `rows` of a zeroed [total, ...] tensor: the padded layout (unpad_groups inverts it)."""
+    return x.new_zeros(total, *x.shape[1:]).index_copy_(0, rows, x)
 
 
 def unpad_groups(padded: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -202,7 +207,7 @@ class _SelectDistinctRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (rows,) = ctx.saved_tensors
-        return grad.new_zeros(ctx.n_rows, *grad.shape[1:]).index_copy_(0, rows, grad), None
+        return _place_rows(grad, rows, ctx.n_rows), None
 
 
 def _round_up(n, align: int):

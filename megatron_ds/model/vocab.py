@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_ds.model import compiled
-from megatron_ds.model.compiled import accumulator, run_fused
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -40,7 +39,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
         loss = LinearCrossEntropy.apply(h, weight, flat_labels)
     else:
         logits = F.linear(h, weight)
-        loss = F.cross_entropy(logits.to(accumulator(logits.dtype)), flat_labels, reduction="none")
+        loss = F.cross_entropy(logits.to(compiled.accumulator(logits.dtype)), flat_labels, reduction="none")
     return loss.view_as(labels)
 
 
@@ -48,7 +47,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, labels):
         logits = F.linear(h, weight)
-        loss, lse = run_fused(_cross_entropy, logits, labels)
+        loss, lse = compiled.run_fused(_cross_entropy, logits, labels)
         ctx.save_for_backward(h, weight, labels, logits, lse)
         return loss
 
@@ -57,7 +56,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         h, weight, labels, logits, lse = ctx.saved_tensors
         # The logits become their gradient in place: no second [tokens, vocab] buffer. (A second
         # backward through the graph then fails on the saved tensor's version, as autograd's own.)
-        grad_logits = run_fused(_cross_entropy_backward_, logits, lse, labels, grad_loss)
+        grad_logits = compiled.run_fused(_cross_entropy_backward_, logits, lse, labels, grad_loss)
         grad_h = grad_logits @ weight if ctx.needs_input_grad[0] else None
         grad_weight = weight_gradient(weight, grad_logits, h) if ctx.needs_input_grad[1] else None
         return grad_h, grad_weight, None
@@ -115,14 +114,14 @@ class EmbeddingIntoMainGrad(torch.autograd.Function):
 
 def _cross_entropy(logits, labels):
     """(loss, log-sum-exp) per row, in fp32 (or wider)."""
-    x = logits.to(accumulator(logits.dtype))
+    x = logits.to(compiled.accumulator(logits.dtype))
     lse = torch.logsumexp(x, dim=-1)
     return lse - x.gather(-1, labels.unsqueeze(-1)).squeeze(-1), lse
 
 
 def _cross_entropy_backward_(logits, lse, labels, grad_loss):
     """logits <- d loss / d logits = (softmax - one_hot(label)) * grad_loss; returns them."""
-    x = logits.to(accumulator(logits.dtype))
+    x = logits.to(compiled.accumulator(logits.dtype))
     vocab = torch.arange(x.size(-1), device=x.device)
     target = (vocab == labels.unsqueeze(-1)).float()
     return logits.copy_((torch.exp(x - lse.unsqueeze(-1)) - target) * grad_loss.unsqueeze(-1))
