@@ -12,7 +12,7 @@ from torch import nn
 
 from megatron_ds.config import ModelConfig
 from megatron_ds.model.norm import RMSNorm
-from megatron_ds.model.rope import apply_rotary, yarn_softmax_scale
+from megatron_ds.model.rope import keys_and_values, rotate_tail, yarn_softmax_scale
 
 
 class MLA(nn.Module):
@@ -40,15 +40,11 @@ class MLA(nn.Module):
         a = self.args
         bsz, seqlen, _ = x.shape
         q = self.wq(x) if a.q_lora_rank == 0 else self.q_up(self.wq_a(x))
-        q = q.view(bsz, seqlen, -1, a.qk_head_dim)
-        q_nope, q_rope = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
-        q = torch.cat([q_nope, apply_rotary(q_rope, rope)], dim=-1)
+        q = rotate_tail(q.view(bsz, seqlen, -1, a.qk_head_dim), rope)  # [q^C | RoPE(q^R)] per head
 
         kv, k_rope = self.wkv_a(x).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
-        k_rope = apply_rotary(k_rope.unsqueeze(2), rope)
         kv = self.kv_up(kv).view(bsz, seqlen, -1, a.qk_nope_head_dim + a.v_head_dim)
-        k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
-        k = torch.cat([k_nope, k_rope.expand(-1, -1, k_nope.size(2), -1)], dim=-1)
+        k, v = keys_and_values(kv, k_rope, rope, a.qk_nope_head_dim)
 
         return self.wo(self.attention(q, k, v, attn_mask, self.softmax_scale))
 

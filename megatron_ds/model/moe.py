@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_ds.config import ModelConfig
+from megatron_ds.model.compiled import run_fused
 from megatron_ds.model.norm import MLP, swiglu
 from megatron_ds.model.permutation import gather_copies, sort_copies, weighted_combine
 
@@ -122,10 +123,37 @@ def _expert_groups(x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor | list
 def _grouped_mm(x: torch.Tensor, weights: torch.Tensor, groups: torch.Tensor | list[int]) -> torch.Tensor:
     """Rows of expert e (as `groups` places them) times weights[e]: one grouped GEMM on GPU."""
     if isinstance(groups, torch.Tensor):
+        if getattr(weights, "main_grad", None) is not None:
+            return GroupedMatmulIntoMainGrad.apply(x, weights, groups)
         return torch._grouped_mm(x, weights, offs=groups)
     chunks = x.split(groups)
     per_expert = weights.unbind(0)  # one stack in the backward; weights[e] would zero-fill all E per expert
     return torch.cat([chunk @ w for chunk, w in zip(chunks, per_expert)]) if chunks else x[:0]
+
+
+class GroupedMatmulIntoMainGrad(torch.autograd.Function):
+    """torch._grouped_mm whose weight gradient is added into the weights' fp32 `main_grad` (Megatron-Core
+    DDP's buffer) by one fused kernel, and not handed to DDP's hook as a bf16 `.grad`: the hook's
+    mixed-dtype add is an unvectorised kernel (0.9 ms per [16, 7168, 2048] weight on the H200)."""
+
+    @staticmethod
+    def forward(ctx, x, weights, offs):
+        ctx.save_for_backward(x, weights, offs)
+        return torch._grouped_mm(x, weights, offs=offs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weights, offs = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch._grouped_mm(grad, weights.transpose(-2, -1), offs=offs)
+        if ctx.needs_input_grad[1]:
+            run_fused(_accumulate_, weights.main_grad, torch._grouped_mm(x.t(), grad, offs=offs))
+        return grad_x, None, None
+
+
+def _accumulate_(total: torch.Tensor, addend: torch.Tensor) -> None:
+    total.add_(addend.to(total.dtype))
 
 
 class LocalDispatcher:

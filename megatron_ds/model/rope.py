@@ -10,6 +10,7 @@ import math
 import torch
 
 from megatron_ds.config import ModelConfig
+from megatron_ds.model.compiled import accumulator, run_fused
 
 
 def _correction_dim(rotations: float, dim: int, base: float, seq_len: int) -> float:
@@ -49,10 +50,79 @@ def rotary_table(args: ModelConfig, seq_len: int, device) -> tuple[torch.Tensor,
     return angles.cos(), angles.sin()
 
 
-def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotate consecutive pairs (x0, x1) of the last dimension; x is [batch, seq, heads, dim]."""
-    cos, sin = (t[None, :, None, :] for t in rope)
-    pairs = x.float().unflatten(-1, (-1, 2))
+# MLA's queries and keys are [nope | rope] per head, and only the rope part turns (consecutive pairs,
+# as DeepSeek's reference model rotates them). Written as cat(nope, rotate(rope)), a step copies the
+# nope parts in strided cat kernels (forward) and splits and re-concatenates the gradients (backward),
+# besides the rotation's own small kernels. The two functions below do each direction in one pass,
+# fused by Inductor on a GPU (megatron_ds.model.compiled).
+
+
+def rotate_tail(q: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """q [batch, seq, heads, nope + rope] with its last rope dimensions rotated."""
+    return RotateTail.apply(q, *rope)
+
+
+def keys_and_values(
+    kv: torch.Tensor, k_rope: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], nope_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLA's per-head keys [k^C | RoPE(k^R)] and values from kv = [k^C | v^C] per head, [batch, seq,
+    heads, nope + v], and the rope key shared by all heads, k_rope [batch, seq, rope]."""
+    return KeysAndValues.apply(kv, k_rope, *rope, nope_dim)
+
+
+class RotateTail(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return run_fused(_rotate_tail, q, cos, sin, False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return run_fused(_rotate_tail, grad, cos, sin, True), None, None  # a rotation's adjoint turns back
+
+
+class KeysAndValues(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kv, k_rope, cos, sin, nope_dim):
+        ctx.save_for_backward(cos, sin)
+        ctx.nope_dim = nope_dim
+        return run_fused(_keys_and_values, kv, k_rope, cos, sin, nope_dim)
+
+    @staticmethod
+    def backward(ctx, grad_k, grad_v):
+        cos, sin = ctx.saved_tensors
+        grad_kv, grad_k_rope = run_fused(_keys_and_values_backward, grad_k, grad_v, cos, sin, ctx.nope_dim)
+        return grad_kv, grad_k_rope, None, None, None
+
+
+def _rotate_pairs(x, cos, sin, inverse: bool = False):
+    """x [batch, seq, heads, dim] with pairs rotated by the angles of cos, sin [seq, dim / 2] (or back),
+    computed in fp32 (or wider) and rounded once."""
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    if inverse:
+        sin = -sin
+    pairs = x.to(accumulator(x.dtype)).unflatten(-1, (-1, 2))
     x0, x1 = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)
+
+
+def _rotate_tail(q, cos, sin, inverse: bool):
+    rope_dim = 2 * cos.size(-1)
+    return torch.cat([q[..., :-rope_dim], _rotate_pairs(q[..., -rope_dim:], cos, sin, inverse)], dim=-1)
+
+
+def _keys_and_values(kv, k_rope, cos, sin, nope_dim: int):
+    k_nope, v = kv.split([nope_dim, kv.size(-1) - nope_dim], dim=-1)
+    k_rope = _rotate_pairs(k_rope.unsqueeze(2), cos, sin).expand(-1, -1, kv.size(2), -1)
+    # v is copied out of kv: a custom function's outputs must not be views of its inputs, and the
+    # attention kernels want it contiguous anyway.
+    return torch.cat([k_nope, k_rope], dim=-1), v.clone(memory_format=torch.contiguous_format)
+
+
+def _keys_and_values_backward(grad_k, grad_v, cos, sin, nope_dim: int):
+    """Gradients of kv and of the shared rope key (summed in fp32 or wider over the heads that read it)."""
+    grad_k_rope = grad_k[..., nope_dim:].to(accumulator(grad_k.dtype)).sum(2, keepdim=True)
+    grad_k_rope = _rotate_pairs(grad_k_rope, cos, sin, inverse=True).squeeze(2).to(grad_k.dtype)
+    return torch.cat([grad_k[..., :nope_dim], grad_v], dim=-1), grad_k_rope
