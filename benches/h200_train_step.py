@@ -106,6 +106,16 @@ def measure(
             sort_by="self_device_time_total", row_limit=30, max_name_column_width=50,
             max_shapes_column_width=140,
         )  # fmt: skip
+        # The source lines that called them (forward and custom-function operators; autograd's own
+        # backward operators have no Python stack and group by name).
+        with profiler(
+            activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True,
+            experimental_config=torch._C._profiler._ExperimentalConfig(verbose=True),  # keeps the stacks
+        ) as prof:  # fmt: skip
+            one_step()
+        sources = prof.key_averages(group_by_stack_n=6).table(
+            sort_by="self_device_time_total", row_limit=40, max_name_column_width=50, max_src_column_width=110
+        )
         # And where the host's time goes in one more step (a host-bound step is as long as this).
         import cProfile
         import io
@@ -118,6 +128,7 @@ def measure(
         with open(profile, "a") as f:
             f.write(f"\n## {system} {' '.join(overrides)} {preset} mb{micro_batch} {fp8}\n{kernels}\n")
             f.write(f"\n### operators by input shape\n{ops}\n")
+            f.write(f"\n### operators by calling source line\n{sources}\n")
             f.write(f"\n### host functions by own time\n{functions.getvalue()}\n")
     tokens = micro_batch * seq
     seconds = statistics.median(step_s)
