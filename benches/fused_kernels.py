@@ -1,0 +1,86 @@
+"""The model's small fused GPU kernels against the unfused operators they replace, forward + backward.
+
+- MLA's queries: split, rotate the rope part, cat (before) against `rope.rotate_tail`.
+- MLA's keys and values: split, rotate the shared rope key, broadcast it to every head, cat, and the
+  contiguous values attention wants (before) against `rope.keys_and_values`.
+- A routed-expert weight gradient into DDP's fp32 main_grad: the eager mixed-dtype add of DDP's hook
+  against the compiled add of `moe.GroupedMatmulIntoMainGrad`.
+
+Needs a CUDA GPU (Inductor compiles the fused bodies there). DeepSeek-V3's widths by default:
+
+    python benches/fused_kernels.py [--seq 4096] [--batch 1]
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from timing import per_call_ms
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--heads", type=int, default=128)
+    parser.add_argument("--experts", type=int, default=16, help="local experts of one [E, dim, inter] weight")
+    parser.add_argument("--iters", type=int, default=20)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("fused_kernels.py needs a CUDA GPU: the fused bodies are compiled for it")
+
+    from megatron_ds.model.compiled import run_fused
+    from megatron_ds.model.moe import _accumulate_
+    from megatron_ds.model.rope import _rotate_pairs, keys_and_values, rotate_tail
+
+    nope, rope_dim, v_dim, dim, inter = 128, 64, 128, 7168, 2048
+    b, s, h = args.batch, args.seq, args.heads
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    angles = torch.rand(s, rope_dim // 2, device="cuda", generator=gen) * s
+    cos, sin = angles.cos(), angles.sin()
+
+    def leaf(*shape):
+        return torch.randn(*shape, device="cuda", generator=gen).bfloat16().requires_grad_()
+
+    q, kv, k_rope = leaf(b, s, h, nope + rope_dim), leaf(b, s, h, nope + v_dim), leaf(b, s, rope_dim)
+    grad_q, grad_k = torch.randn_like(q), torch.randn_like(q)
+    grad_v = torch.randn(b, s, h, v_dim, device="cuda").bfloat16()
+
+    def queries_unfused():
+        q_nope, q_rope = q.split([nope, rope_dim], dim=-1)
+        torch.autograd.grad(torch.cat([q_nope, _rotate_pairs(q_rope, cos, sin)], dim=-1), q, grad_q)
+
+    def keys_unfused():
+        k_nope, v = kv.split([nope, v_dim], dim=-1)
+        shared = _rotate_pairs(k_rope.unsqueeze(2), cos, sin).expand(-1, -1, h, -1)
+        k = torch.cat([k_nope, shared], dim=-1)
+        torch.autograd.grad([k, v.contiguous()], [kv, k_rope], [grad_k, grad_v])
+
+    def keys_fused():
+        torch.autograd.grad(keys_and_values(kv, k_rope, (cos, sin), nope), [kv, k_rope], [grad_k, grad_v])
+
+    main_grad = torch.zeros(args.experts, dim, inter, device="cuda")
+    expert_grad = torch.randn(args.experts, dim, inter, device="cuda").bfloat16()
+    rows = [
+        ("MLA queries", f"[{b}, {s}, {h}, {nope + rope_dim}]", queries_unfused,
+         lambda: torch.autograd.grad(rotate_tail(q, (cos, sin)), q, grad_q)),
+        ("MLA keys and values", f"[{b}, {s}, {h}, {nope}+{v_dim}]", keys_unfused, keys_fused),
+        ("expert weight gradient into fp32 main_grad", f"[{args.experts}, {dim}, {inter}]",
+         lambda: main_grad.add_(expert_grad), lambda: run_fused(_accumulate_, main_grad, expert_grad)),
+    ]  # fmt: skip
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, forward + backward per call")
+    print("| kernel | shape | unfused ms | fused ms | unfused / fused |")
+    print("|---|---|---|---|---|")
+    for name, shape, unfused, fused in rows:
+        before = per_call_ms(unfused, torch.device("cuda"), 3, args.iters)
+        after = per_call_ms(fused, torch.device("cuda"), 3, args.iters)
+        print(f"| {name} | {shape} | {before:.3f} | {after:.3f} | {before / after:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
