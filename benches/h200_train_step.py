@@ -19,6 +19,7 @@ MoE bias update).
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -26,6 +27,25 @@ import time
 from pathlib import Path
 
 PEAK_TFLOPS = 790.0
+
+
+# Kernel names by kind, first match wins: the two systems run the same cuBLAS, CUTLASS and cuDNN
+# kernels for their matrix products and attention, and the same AdamW and gradient-norm kernels.
+KERNEL_KINDS = {
+    "GEMM": re.compile(r"nvjet|cutlass|gemm|Gemm|xmma"),
+    "attention": re.compile(r"sdpa|flash|fmha|cudnn"),
+    "AdamW + gradient norm": re.compile(r"rsub_sqrt|l2norm"),
+}
+
+
+def kernel_categories(events) -> str:
+    """One line per kind of kernel: its GPU milliseconds in the profiled step, and the rest's."""
+    totals = dict.fromkeys([*KERNEL_KINDS, "other"], 0.0)
+    for event in events:
+        kind = next((k for k, pattern in KERNEL_KINDS.items() if pattern.search(event.key)), "other")
+        totals[kind] += event.self_device_time_total / 1e3
+    totals["total"] = sum(totals.values())
+    return "\n".join(f"{kind}: {ms:.1f}" for kind, ms in totals.items())
 
 
 def measure(
@@ -99,6 +119,7 @@ def measure(
         kernels = prof.key_averages().table(
             sort_by="cuda_time_total", row_limit=40, max_name_column_width=140
         )
+        categories = kernel_categories(prof.key_averages())
         # The operators behind those kernels, by input shapes and dtypes (which add is which).
         with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
             one_step()
@@ -127,6 +148,7 @@ def measure(
         pstats.Stats(host, stream=functions).sort_stats("tottime").print_stats(30)
         with open(profile, "a") as f:
             f.write(f"\n## {system} {' '.join(overrides)} {preset} mb{micro_batch} {fp8}\n{kernels}\n")
+            f.write(f"\n### kernel time by kind (ms)\n{categories}\n")
             f.write(f"\n### operators by input shape\n{ops}\n")
             f.write(f"\n### operators by calling source line\n{sources}\n")
             f.write(f"\n### host functions by own time\n{functions.getvalue()}\n")
@@ -212,7 +234,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)  # host-bound steps vary: take a median of many
     parser.add_argument("--timeout", type=int, default=150)
     parser.add_argument(
-        "--profile", action="store_true", help="also take a kernel table and a host profile of one step each"
+        "--profile",
+        action="store_true",
+        help="also profile one step each: kernels (each, by kind, by operator, by source line), the host",
     )
     parser.add_argument("--profile-file", default="", help=argparse.SUPPRESS)
     parser.add_argument(
