@@ -116,10 +116,9 @@ def measure(
         with profiler(activities=[ProfilerActivity.CUDA]) as prof:
             one_step()
         # Wide names: the elementwise kernels differ only in their template arguments.
-        kernels = prof.key_averages().table(
-            sort_by="cuda_time_total", row_limit=40, max_name_column_width=140
-        )
-        categories = kernel_categories(prof.key_averages())
+        per_kernel = prof.key_averages()
+        kernels = per_kernel.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=140)
+        categories = kernel_categories(per_kernel)
         # The operators behind those kernels, by input shapes and dtypes (which add is which).
         with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
             one_step()
