@@ -1,5 +1,6 @@
 """The model's small fused GPU kernels against the unfused operators they replace, forward + backward.
 
+- RMSNorm: F.rms_norm on fp32 copies of a bf16 input, cast back (before) against `norm.RMSNorm`.
 - MLA's queries: split, rotate the rope part, cat (before) against `rope.rotate_tail`.
 - MLA's keys and values: split, rotate the shared rope key, broadcast it to every head, cat, and the
   contiguous values attention wants (before) against `rope.keys_and_values`.
@@ -36,6 +37,7 @@ def main() -> None:
 
     from megatron_ds.model.compiled import run_fused
     from megatron_ds.model.moe import _accumulate_
+    from megatron_ds.model.norm import RMSNorm
     from megatron_ds.model.rope import _rotate_pairs, keys_and_values, rotate_tail
 
     nope, rope_dim, v_dim, dim, inter = 128, 64, 128, 7168, 2048
@@ -64,9 +66,18 @@ def main() -> None:
     def keys_fused():
         torch.autograd.grad(keys_and_values(kv, k_rope, (cos, sin), nope), [kv, k_rope], [grad_k, grad_v])
 
+    norm = RMSNorm(dim).cuda().bfloat16()
+    x, grad_x = leaf(b, s, dim), torch.randn(b, s, dim, device="cuda").bfloat16()
+
+    def norm_unfused():
+        y = torch.nn.functional.rms_norm(x.float(), (dim,), norm.weight.float(), norm.eps).type_as(x)
+        torch.autograd.grad(y, [x, norm.weight], grad_x)
+
     main_grad = torch.zeros(args.experts, dim, inter, device="cuda")
     expert_grad = torch.randn(args.experts, dim, inter, device="cuda").bfloat16()
     rows = [
+        ("RMSNorm", f"[{b}, {s}, {dim}]", norm_unfused,
+         lambda: torch.autograd.grad(norm(x), [x, norm.weight], grad_x)),
         ("MLA queries", f"[{b}, {s}, {h}, {nope + rope_dim}]", queries_unfused,
          lambda: torch.autograd.grad(rotate_tail(q, (cos, sin)), q, grad_q)),
         ("MLA keys and values", f"[{b}, {s}, {h}, {nope}+{v_dim}]", keys_unfused, keys_fused),

@@ -4,9 +4,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_ds.model.compiled import accumulator, run_fused
+
 
 class RMSNorm(nn.Module):
-    """Root-mean-square normalisation, computed in fp32 whatever the activation dtype."""
+    """Root-mean-square normalisation, computed in fp32 (or wider) whatever the activation dtype."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -14,7 +16,44 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
+        return FusedRMSNorm.apply(x, self.weight, self.eps)
+
+
+class FusedRMSNorm(torch.autograd.Function):
+    """RMSNorm whose forward and backward are each one pass over the activations (Inductor-fused on a
+    GPU, megatron_ds.model.compiled). Written as F.rms_norm(x.float()).type_as(x), a bf16 norm casts x
+    and its gradient to fp32 copies and back around the kernels and keeps the fp32 copy of x for the
+    backward; this keeps x as it came and one fp32 scale per row."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, rstd = run_fused(_rms_norm, x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        grad_x, grad_weight = run_fused(_rms_norm_backward, grad, x, weight, rstd)
+        return grad_x, grad_weight, None
+
+
+def _rms_norm(x, weight, eps: float):
+    """y = x / rms(x) * weight, in fp32 or wider, rounded once; and 1 / rms(x) per row."""
+    wide = x.to(accumulator(x.dtype))
+    rstd = torch.rsqrt(wide.square().mean(-1, keepdim=True) + eps)
+    return (wide * rstd * weight.to(wide.dtype)).to(x.dtype), rstd
+
+
+def _rms_norm_backward(grad, x, weight, rstd):
+    """With x^ = x * rstd and g = grad * weight: dx = rstd (g - x^ mean(g x^)), dweight = sum over rows
+    of grad x^, summed in fp32 or wider."""
+    wide_grad = grad.to(rstd.dtype)
+    x_hat = x.to(rstd.dtype) * rstd
+    scaled = wide_grad * weight.to(rstd.dtype)
+    grad_x = rstd * (scaled - x_hat * (scaled * x_hat).mean(-1, keepdim=True))
+    grad_weight = (wide_grad * x_hat).flatten(0, -2).sum(0)
+    return grad_x.to(x.dtype), grad_weight.to(weight.dtype)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,14 @@
-"""Kernels Inductor compiles on the GPU, against eager runs: MLA's rotary functions at DeepSeek-V3's head
-sizes, and the routed experts' BF16 grouped GEMMs with Megatron-Core-style fp32 main_grad views (the
-weight gradients added by the compiled kernel into each weight's own slice of one buffer).
-Run on the H200 by benches/h200_gpu_tests.sh."""
+"""Kernels Inductor compiles on the GPU, against eager runs: RMSNorm at DeepSeek-V3's width, MLA's rotary
+functions at its head sizes, and the routed experts' BF16 grouped GEMMs with Megatron-Core-style fp32
+main_grad views (the weight gradients added by the compiled kernel into each weight's own slice of one
+buffer). Run on the H200 by benches/h200_gpu_tests.sh."""
 
 import pytest
 import torch
 
 from megatron_ds.model import compiled
 from megatron_ds.model.moe import GroupedExperts
+from megatron_ds.model.norm import RMSNorm
 from megatron_ds.model.rope import keys_and_values, rotate_tail
 
 pytestmark = [
@@ -70,6 +71,28 @@ def test_rotary_functions_match_eager(monkeypatch):
         outs = (rotate_tail(leaves[0], rope), *keys_and_values(leaves[1], leaves[2], rope, nope))
         sum((o.float() * p).sum() for o, p in zip(outs, probes)).backward()
         results.append([o.detach() for o in outs] + [t.grad for t in leaves])
+    for got, want in zip(*results):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-2)
+
+
+def test_rms_norm_matches_eager(monkeypatch):
+    """bf16 at DeepSeek-V3's width (7168), 2 x 4096 rows: the output and both gradients."""
+    assert compiled.compiles("cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    norm = RMSNorm(7168).cuda().bfloat16()
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(7168, device="cuda", generator=gen))
+    x = (4 * torch.randn(2, 4096, 7168, device="cuda", generator=gen)).bfloat16()
+    probe = torch.randn(x.shape, device="cuda", generator=gen).bfloat16()
+    results = []
+    for use_compiled in (True, False):
+        monkeypatch.setattr(compiled, "compiles", lambda device_type, c=use_compiled: c)
+        leaf = x.clone().requires_grad_()
+        norm.weight.grad = None
+        y = norm(leaf)
+        (y.float() * probe).sum().backward()
+        results.append([y.detach(), leaf.grad, norm.weight.grad])
     for got, want in zip(*results):
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-2)
