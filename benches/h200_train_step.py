@@ -48,6 +48,36 @@ def kernel_categories(events) -> str:
     return "\n".join(f"{kind}: {ms:.1f}" for kind, ms in totals.items())
 
 
+def gpu_idle(kineto_events, largest: int = 12) -> str:
+    """When the GPU ran nothing in the profiled step: the gaps between its kernels and copies (all
+    streams merged), in total and the largest, each with its start (ms into the step) and the kernels
+    on either side. Between kernels queued back to back the GPU waits only a few microseconds; a
+    longer gap is the GPU waiting for the host (a synchronisation, or launches slower than the work)."""
+    from torch.autograd import DeviceType
+
+    work = sorted(
+        (e.start_ns(), e.end_ns(), e.name()) for e in kineto_events if e.device_type() == DeviceType.CUDA
+    )
+    if not work:
+        return "no GPU work recorded"
+    gaps, busy_until, last = [], work[0][1], work[0][2]
+    for start, end, name in work[1:]:
+        if start > busy_until:
+            gaps.append((start - busy_until, busy_until, last, name))
+        if end > busy_until:
+            busy_until, last = end, name
+    span = busy_until - work[0][0]
+    lines = [
+        f"GPU busy span {span / 1e6:.1f} ms, idle {sum(g[0] for g in gaps) / 1e6:.1f} ms in {len(gaps)} gaps "
+        f"({sum(g[0] for g in gaps if g[0] > 20_000) / 1e6:.1f} ms in gaps over 20 us)",
+        "| idle ms | at ms | last kernel before | first kernel after |",
+        "|---|---|---|---|",
+    ]
+    for length, at, before, after in sorted(gaps, reverse=True)[:largest]:
+        lines.append(f"| {length / 1e6:.3f} | {(at - work[0][0]) / 1e6:.1f} | {before[:60]} | {after[:60]} |")
+    return "\n".join(lines)
+
+
 def measure(
     system: str,
     preset: str,
@@ -119,6 +149,7 @@ def measure(
         per_kernel = prof.key_averages()
         kernels = per_kernel.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=140)
         categories = kernel_categories(per_kernel)
+        idle = gpu_idle(prof.profiler.kineto_results.events())
         # The operators behind those kernels, by input shapes and dtypes (which add is which).
         with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
             one_step()
@@ -148,6 +179,7 @@ def measure(
         with open(profile, "a") as f:
             f.write(f"\n## {system} {' '.join(overrides)} {preset} mb{micro_batch} {fp8}\n{kernels}\n")
             f.write(f"\n### kernel time by kind (ms)\n{categories}\n")
+            f.write(f"\n### GPU idle between kernels\n{idle}\n")
             f.write(f"\n### operators by input shape\n{ops}\n")
             f.write(f"\n### operators by calling source line\n{sources}\n")
             f.write(f"\n### host functions by own time\n{functions.getvalue()}\n")

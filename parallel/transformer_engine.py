@@ -47,6 +47,7 @@ from torch import nn
 
 from megatron_ds.config import Config
 from megatron_ds.model.attention import MLA, Attention
+from megatron_ds.model.compiled import run_fused
 from megatron_ds.model.init import (
     EXPERT_SLICE_ATTR,
     canonical_name,
@@ -186,7 +187,7 @@ def pad_groups_on_device(x: torch.Tensor, counts: torch.Tensor, align: int):
 
 def _place_rows(x: torch.Tensor, rows: torch.Tensor, total: int) -> torch.Tensor:
     """x's rows at `rows` of a zeroed [total, ...] tensor: the padded layout (unpad_groups inverts it)."""
-    return x.new_zeros(total, *x.shape[1:]).index_copy_(0, rows, x)
+    return _PlaceRows.apply(x, rows, total)
 
 
 def unpad_groups(padded: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -194,8 +195,26 @@ def unpad_groups(padded: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return _SelectDistinctRows.apply(padded, rows)
 
 
+class _PlaceRows(torch.autograd.Function):
+    """The padded layout as one gather, each of its rows reading its source row or writing zeros (fused
+    on a GPU). A zero fill and index_copy_ took 1.9 ms for dsv3-slice's rows on the H200 at micro-batch 2,
+    index_copy_ moving two bytes per thread. The adjoint is the selection back."""
+
+    @staticmethod
+    def forward(ctx, x, rows, total):
+        ctx.save_for_backward(rows)
+        source = torch.full((total,), -1, dtype=rows.dtype, device=rows.device)
+        source.scatter_(0, rows, torch.arange(rows.numel(), dtype=rows.dtype, device=rows.device))
+        return run_fused(_row_or_zero, x, source)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (rows,) = ctx.saved_tensors
+        return _SelectDistinctRows.apply(grad, rows), None, None
+
+
 class _SelectDistinctRows(torch.autograd.Function):
-    """x.index_select(0, rows) for rows without repeats. Its gradient is then a copy into zeros, not
+    """x.index_select(0, rows) for rows without repeats. Its gradient is then a placement into zeros, not
     index_select's accumulating index_add, whose atomics took 2 ms per dsv3-slice MoE layer on the H200."""
 
     @staticmethod
@@ -207,7 +226,12 @@ class _SelectDistinctRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (rows,) = ctx.saved_tensors
-        return _place_rows(grad, rows, ctx.n_rows), None
+        return _PlaceRows.apply(grad, rows, ctx.n_rows), None
+
+
+def _row_or_zero(x, source):
+    """Row i of the result is x[source[i]], or zeros where source[i] is -1."""
+    return torch.where((source >= 0).unsqueeze(-1), x[source.clamp(min=0)], 0)
 
 
 def _round_up(n, align: int):

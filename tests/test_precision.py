@@ -107,6 +107,15 @@ def test_unpad_groups_gradient_is_index_selects():
     assert torch.equal(*grads)
 
 
+def test_pad_groups_gradient_reads_the_padded_rows_back():
+    counts = torch.tensor([3, 0, 130, 128])
+    x = torch.randn(int(counts.sum()), 8, requires_grad=True)
+    padded, _, rows = pad_groups_on_device(x, counts, 128)
+    probe = torch.randn_like(padded)
+    (padded * probe).sum().backward()
+    assert torch.equal(x.grad, probe.index_select(0, rows))
+
+
 def test_pad_groups_on_device_aligns_every_expert_to_a_size_known_without_the_counts():
     """TE's grouped-tensor path: 128-row groups, the total fixed by the row count alone (no host read
     of the counts), the spare blocks spread over the experts."""
