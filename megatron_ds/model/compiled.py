@@ -30,4 +30,7 @@ def compiles(device_type: str) -> bool:
 
 @functools.cache
 def _compiled(body):
-    return torch.compile(body, dynamic=False)
+    """Compiled for the first shapes it sees; a second set of shapes recompiles it once with dynamic
+    sizes (torch's automatic dynamic shapes), e.g. the FP8 experts' padded rows on TE's split path,
+    whose count changes every step."""
+    return torch.compile(body)
