@@ -205,7 +205,8 @@ class _PlaceRows(torch.autograd.Function):
         ctx.save_for_backward(rows)
         source = torch.full((total,), -1, dtype=rows.dtype, device=rows.device)
         source.scatter_(0, rows, torch.arange(rows.numel(), dtype=rows.dtype, device=rows.device))
-        return run_fused(_row_or_zero, x, source)
+        # TE's split path pads to a new size each step; a gather is the same bits in any kernel
+        return run_fused(_row_or_zero, x, source, dynamic=None)
 
     @staticmethod
     def backward(ctx, grad):

@@ -10,10 +10,19 @@ import torch
 from torch.utils._triton import has_triton
 
 
-def run_fused(body, *args):
-    """body(*args), compiled where Inductor can generate Triton for it (a CUDA device), eager elsewhere."""
+def run_fused(body, *args, dynamic: bool | None = False):
+    """body(*args), compiled where Inductor can generate Triton for it (a CUDA device), eager elsewhere.
+
+    The bodies are the insides of autograd Functions and never differentiated through, so tensors go
+    in detached: guards on requires_grad or on nn.Parameter would otherwise compile a body again for
+    the same shapes. Shapes are static, each new one compiled once into a kernel of its own, so a
+    shape always runs the same kernel (a replay under recomputation gives the same bits). For a body
+    whose sizes may change every step, dynamic=None is torch's automatic dynamic shapes: the first
+    sizes static, one kernel for all sizes after the first change.
+    """
     if compiles(args[0].device.type):
-        return _compiled(body)(*args)
+        args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+        return _compiled(body, dynamic)(*args)
     return body(*args)
 
 
@@ -29,8 +38,5 @@ def compiles(device_type: str) -> bool:
 
 
 @functools.cache
-def _compiled(body):
-    """Compiled for the first shapes it sees; a second set of shapes recompiles it once with dynamic
-    sizes (torch's automatic dynamic shapes), e.g. the FP8 experts' padded rows on TE's split path,
-    whose count changes every step."""
-    return torch.compile(body)
+def _compiled(body, dynamic: bool | None):
+    return torch.compile(body, dynamic=dynamic)

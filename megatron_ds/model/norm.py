@@ -34,7 +34,8 @@ class FusedRMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
-        grad_x, grad_weight = run_fused(_rms_norm_backward, grad, x, weight, rstd)
+        # contiguous: a gradient that arrives as a slice (MTP's concatenated norms) would compile anew
+        grad_x, grad_weight = run_fused(_rms_norm_backward, grad.contiguous(), x, weight, rstd)
         return grad_x, grad_weight, None
 
 

@@ -56,3 +56,27 @@ def test_every_region_names_a_method_of_its_class():
     for name, targets in REGIONS.items():
         for cls, method in targets:
             assert callable(getattr(cls, method, None)), f"{name}: {cls.__name__} has no {method}"
+
+
+@pytest.mark.slow
+def test_recompute_with_compiled_bodies_changes_nothing(monkeypatch):
+    """As the GPU runs them: the fused bodies compiled (here by Inductor for the CPU). A replay must
+    hit the kernels the forward ran, whatever the tensors' requires_grad or Parameter-ness, or its bits
+    differ from what the backward would have kept."""
+    from megatron_ds.model import compiled
+
+    monkeypatch.setattr(compiled, "compiles", lambda device_type: True)
+    torch._dynamo.reset()
+    runs = []
+    for params, regions in [(p, r) for p in ("fp32", "bf16") for r in ("", ",".join(REGIONS))]:
+        cfg = load_config(
+            "tiny", overrides=[f"precision.params_dtype={params}", f"train.recompute=[{regions}]"]
+        )
+        model = build_model(cfg, "cpu", ModelGroups())
+        tokens = torch.randint(0, model.args.vocab_size, (2, 65), generator=torch.Generator().manual_seed(0))
+        out = model(tokens[:, :-1], labels=tokens[:, 1:])
+        (out.lm_loss + 0.3 * out.mtp_loss).backward()
+        runs.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+    for base, recomputed in (runs[:2], runs[2:]):
+        for name, grad in recomputed.items():
+            assert torch.equal(grad, base[name]), name
