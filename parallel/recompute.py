@@ -6,7 +6,8 @@ recomputed from its cached inputs (section 3.3.4). Each region named in `train.r
 a non-reentrant checkpoint, which keeps only the region's inputs and replays it when the backward
 reaches it:
 
-  norm         every RMSNorm: its fp32 intermediates are not kept
+  norm         every RMSNorm: since the norm is one fused function that keeps only its input and one fp32
+               scale per row, this drops just the scales (it dropped fp32 copies of bf16 inputs before)
   mla_up_proj  q_norm + W^UQ/W^QR and kv_norm + W^UK/W^UV: only the latents c^Q, c^KV are kept. Under
                TE each pair is one te.LayerNormLinear (wq_b, wkv_b) and q_norm, kv_norm are identities,
                so `norm` is left with the block, final and MTP norms
