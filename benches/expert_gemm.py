@@ -5,7 +5,8 @@ split over its experts as a router would (a random multinomial), times forward +
 
 - torch:          megatron_ds.model.moe.GroupedExperts, BF16 `torch._grouped_mm` (device offsets);
 - te:             parallel.transformer_engine.TEGroupedExperts on TE's split-quantize path (host split
-                  sizes, one host wait per call, groups padded to 16 rows in FP8), in BF16 and under
+                  sizes, one host wait per call, groups padded to 16 rows in FP8 by the layout the
+                  dispatcher builds, timed with it), in BF16 and under
                   each FP8 recipe given;
 - te-grouped:     TEGroupedExperts on TE's grouped-tensor path (CUDA split sizes, one cuBLASLt grouped
                   GEMM per projection, no host wait; in FP8 groups padded to 128 rows on the GPU),
@@ -57,12 +58,14 @@ def single_weight_experts(experts):
 def measure(name: str, experts, x, counts, recipe, reference, iters: int) -> dict:
     import transformer_engine.pytorch as te
 
+    from megatron_ds.model.moe import run_on_sorted_rows
+
     x = x.detach().requires_grad_(True)
     grad = torch.randn(x.shape, device=x.device, dtype=x.dtype)
 
     def step():
         with te.autocast(enabled=recipe is not None, recipe=recipe):
-            out = experts(x, counts)
+            out = run_on_sorted_rows(experts, x, counts)
         out.backward(grad)
         return out
 

@@ -4,9 +4,9 @@
 - MLA's queries: split, rotate the rope part, cat (before) against `rope.rotate_tail`.
 - MLA's keys and values: split, rotate the shared rope key, broadcast it to every head, cat, and the
   contiguous values attention wants (before) against `rope.keys_and_values`.
-- FP8 routed experts' rows padded to 128-row groups for TE's grouped GEMM: a zero fill and
-  index_copy_ (before) against `transformer_engine.pad_groups_on_device`'s gather, each with the
-  gradient of the padded rows. Needs Megatron-Core importable (parallel/ imports it).
+- The routed token copies gathered into 128-row expert groups for TE's FP8 grouped GEMM: the sorted
+  gather, a zero fill and index_copy_ (the eighth H200 run's code) against one gather straight into
+  the padded layout (`permutation.align_groups`), each with its gradient.
 - A routed-expert weight gradient into DDP's fp32 main_grad: the eager mixed-dtype add of DDP's hook
   against the compiled add of `moe.GroupedMatmulIntoMainGrad`.
 
@@ -39,10 +39,10 @@ def main() -> None:
         sys.exit("fused_kernels.py needs a CUDA GPU: the fused bodies are compiled for it")
 
     from megatron_ds.model.compiled import run_fused
-    from megatron_ds.model.moe import _accumulate_
+    from megatron_ds.model.moe import _accumulate_, tokens_per_expert
     from megatron_ds.model.norm import RMSNorm
+    from megatron_ds.model.permutation import align_groups, aligned_layout, gather_copies, sort_copies
     from megatron_ds.model.rope import _rotate_pairs, keys_and_values, rotate_tail
-    from parallel.transformer_engine import pad_groups_on_device
 
     nope, rope_dim, v_dim, dim, inter = 128, 64, 128, 7168, 2048
     b, s, h = args.batch, args.seq, args.heads
@@ -77,19 +77,21 @@ def main() -> None:
         y = torch.nn.functional.rms_norm(x.float(), (dim,), norm.weight.float(), norm.eps).type_as(x)
         torch.autograd.grad(y, [x, norm.weight], grad_x)
 
-    counts = torch.bincount(
-        torch.multinomial(
-            torch.ones(args.experts, device="cuda"), b * s * 8, replacement=True, generator=gen
-        ),
-        minlength=args.experts,
-    )  # routed copies at top-8, spread at random
-    routed = leaf(int(counts.sum()), dim)
-    padded, _, padded_rows = pad_groups_on_device(routed.detach(), counts, 128)
-    grad_padded = torch.randn_like(padded)
+    tokens = leaf(b * s, dim)
+    indices = torch.rand(b * s, args.experts, device="cuda", generator=gen).topk(8, dim=-1).indices
+    order, inverse = sort_copies(indices)
+    counts = tokens_per_expert(indices, args.experts)
+    padded_order, padded_inverse, _ = align_groups(order, inverse, counts, 128)
+    positions = aligned_layout(order, counts, 128)[1]
+    grad_padded = torch.randn(padded_order.numel(), dim, device="cuda").bfloat16()
 
-    def pad_unfused():
-        placed = routed.new_zeros(padded.shape).index_copy_(0, padded_rows, routed)
-        torch.autograd.grad(placed, routed, grad_padded)
+    def gather_padded():
+        torch.autograd.grad(gather_copies(tokens, padded_order, padded_inverse), tokens, grad_padded)
+
+    def pad_after_gather():
+        rows = gather_copies(tokens, order, inverse)
+        placed = rows.new_zeros(grad_padded.shape).index_copy_(0, positions, rows)
+        torch.autograd.grad(placed, tokens, grad_padded)
 
     main_grad = torch.zeros(args.experts, dim, inter, device="cuda")
     expert_grad = torch.randn(args.experts, dim, inter, device="cuda").bfloat16()
@@ -99,9 +101,8 @@ def main() -> None:
         ("MLA queries", f"[{b}, {s}, {h}, {nope + rope_dim}]", queries_unfused,
          lambda: torch.autograd.grad(rotate_tail(q, (cos, sin)), q, grad_q)),
         ("MLA keys and values", f"[{b}, {s}, {h}, {nope}+{v_dim}]", keys_unfused, keys_fused),
-        ("FP8 experts' rows padded to 128-row groups", f"[{routed.size(0)} -> {padded.size(0)}, {dim}]",
-         pad_unfused,
-         lambda: torch.autograd.grad(pad_groups_on_device(routed, counts, 128)[0], routed, grad_padded)),
+        ("routed copies into 128-row expert groups (FP8)", f"[{b * s} x 8 -> {padded_order.numel()}, {dim}]",
+         pad_after_gather, gather_padded),
         ("expert weight gradient into fp32 main_grad", f"[{args.experts}, {dim}, {inter}]",
          lambda: main_grad.add_(expert_grad), lambda: run_fused(_accumulate_, main_grad, expert_grad)),
     ]  # fmt: skip

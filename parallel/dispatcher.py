@@ -7,7 +7,8 @@ holds global experts [p L, (p + 1) L). For each layer's forward:
    rank too (megatron_ds.model.permutation: gathers only, fused on GPU);
 2. exchange the per-expert counts, so every rank knows how many rows it will receive;
 3. dispatch: one `all_to_all_single` with uneven splits moves the copies to their experts;
-4. run the local experts as one grouped computation on the rows sorted by local expert;
+4. run the local experts as one grouped computation on the rows sorted by local expert (each
+   expert's rows padded to the block its GEMMs need, if any: permutation.align_groups);
 5. combine: the reverse all-to-all brings the outputs home, where each token gathers its K rows
    and sums them with the routing weights (report section 2.1.2, eq. 12) in one pass.
 
@@ -31,7 +32,14 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_ds.model.moe import tokens_per_expert
-from megatron_ds.model.permutation import gather_copies, sort_copies, weighted_combine
+from megatron_ds.model.permutation import (
+    expert_layout,
+    from_layout,
+    gather_copies,
+    sort_copies,
+    to_layout,
+    weighted_combine,
+)
 
 FP8_TILE = 128
 
@@ -126,36 +134,6 @@ def dequantize_fp8_tiles(payload: torch.Tensor, scales: torch.Tensor) -> torch.T
     return (tiles * scales.unsqueeze(-1)).flatten(-2)
 
 
-class Permute(torch.autograd.Function):
-    """rows[perm] for a permutation: the backward scatters without accumulating (index_put with
-    accumulation, the backward of plain indexing, is several times slower on CPU). Re-sorts the
-    received rows, whose count varies from step to step."""
-
-    @staticmethod
-    def forward(ctx, x, perm):
-        ctx.save_for_backward(perm)
-        return x.index_select(0, perm)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (perm,) = ctx.saved_tensors
-        return Unpermute.apply(grad, perm), None
-
-
-class Unpermute(torch.autograd.Function):
-    """The inverse of Permute: out[perm] = rows."""
-
-    @staticmethod
-    def forward(ctx, x, perm):
-        ctx.save_for_backward(perm)
-        return torch.empty_like(x).index_copy_(0, perm, x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (perm,) = ctx.saved_tensors
-        return Permute.apply(grad, perm), None
-
-
 class TokenSlice(torch.autograd.Function):
     """This TP rank's slice of tokens that every rank of `group` holds alike.
 
@@ -218,8 +196,10 @@ class RoutePlan:
     inverse: torch.Tensor  # [tokens, K]: sorted position of each copy
     send_splits: list[int]  # rows to each EP rank
     recv_splits: list[int]  # rows from each EP rank
-    local_order: torch.Tensor | None  # received rows sorted by local expert (None: already are)
-    local_counts: torch.Tensor  # rows per local expert, in local_order
+    # The experts' layout of the received rows, (order, position) of permutation.to_layout: sorted by
+    # local expert, each group padded to the experts' row alignment. None: they arrive that way.
+    local_layout: tuple[torch.Tensor, torch.Tensor] | None
+    local_counts: torch.Tensor  # rows per local expert in that layout
 
 
 @dataclass
@@ -267,7 +247,7 @@ class AllToAllDispatcher:
             tokens = TokenSlice.apply(x, self.tensor_group)
             weights = TokenSlice.apply(weights, self.tensor_group)
             indices = indices[_slice_range(n_tokens, self.tensor_group)]
-        plan = self.plan(indices)
+        plan = self.plan(indices, experts.row_alignment(tokens.dtype))
         self._count_traffic(tokens, indices, plan)
         flight = InFlight()
         received = self.start_dispatch(tokens, plan, flight)
@@ -279,8 +259,9 @@ class AllToAllDispatcher:
             routed = GatherTokenSlices.apply(routed, n_tokens, self.tensor_group)
         return routed if shared is None else routed + shared
 
-    def plan(self, indices: torch.Tensor) -> RoutePlan:
-        """Sort the copies by expert and exchange the counts (a small all-to-all, one host sync)."""
+    def plan(self, indices: torch.Tensor, align: int = 1) -> RoutePlan:
+        """Sort the copies by expert and exchange the counts (a small all-to-all, one host sync); the
+        received rows will be laid out for the local experts in groups of a multiple of `align` rows."""
         flat = indices.flatten()
         order, inverse = sort_copies(indices)
         send_counts = tokens_per_expert(flat, self.n_experts).view(self.size, self.n_local)
@@ -288,13 +269,16 @@ class AllToAllDispatcher:
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
         splits = torch.cat([send_counts.sum(1), recv_counts.sum(1)]).tolist()
         send_splits, recv_splits = splits[: self.size], splits[self.size :]
-        local_order = None
-        if self.size > 1 and self.n_local > 1:
+        local_counts, local_layout = recv_counts.sum(0), None
+        if (self.size > 1 and self.n_local > 1) or align > 1:
             # Received rows come by source rank, then local expert; re-sort them by local expert.
             local_expert = torch.arange(self.n_local, device=flat.device).repeat(self.size)
             row_expert = local_expert.repeat_interleave(recv_counts.flatten(), output_size=sum(recv_splits))
-            local_order = row_expert.argsort(stable=True)
-        return RoutePlan(order, inverse, send_splits, recv_splits, local_order, recv_counts.sum(0))
+            layout_order, position, local_counts = expert_layout(
+                row_expert.argsort(stable=True), local_counts, align
+            )
+            local_layout = (layout_order, position)
+        return RoutePlan(order, inverse, send_splits, recv_splits, local_layout, local_counts)
 
     def start_dispatch(self, x, plan: RoutePlan, flight: InFlight) -> torch.Tensor:
         """Launch the token all-to-all; the result is valid after AllToAllWait.apply(result, flight)."""
@@ -316,13 +300,13 @@ class AllToAllDispatcher:
 
     def combine(self, expert_out, weights, plan: RoutePlan) -> torch.Tensor:
         """Send expert outputs home and sum each token's K outputs by its weights."""
-        by_source = expert_out if plan.local_order is None else Unpermute.apply(expert_out, plan.local_order)
+        by_source = expert_out if plan.local_layout is None else from_layout(expert_out, *plan.local_layout)
         returned = AllToAll.apply(by_source, plan.recv_splits, plan.send_splits, self.group)
         return weighted_combine(returned, plan.order, plan.inverse, weights)
 
     @staticmethod
     def _by_local_expert(received, plan: RoutePlan) -> torch.Tensor:
-        return received if plan.local_order is None else Permute.apply(received, plan.local_order)
+        return received if plan.local_layout is None else to_layout(received, *plan.local_layout)
 
     def _fp8(self, x: torch.Tensor) -> bool:
         return self.fp8_payload and x.size(-1) % FP8_TILE == 0

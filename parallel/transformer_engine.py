@@ -47,7 +47,6 @@ from torch import nn
 
 from megatron_ds.config import Config
 from megatron_ds.model.attention import MLA, Attention
-from megatron_ds.model.compiled import run_fused
 from megatron_ds.model.init import (
     EXPERT_SLICE_ATTR,
     canonical_name,
@@ -64,7 +63,7 @@ from parallel.parallelize import DTYPES
 from parallel.tensor_parallel import SharedRopeKeyLinear, partition, share_rope_key_gradient
 
 # FP8 GEMMs need each expert's token count to be a multiple of 16 (TE's alignment for all
-# per-tensor and blockwise FP8 recipes); groups are zero-padded to it and the padding dropped after.
+# per-tensor and blockwise FP8 recipes); the dispatcher lays the groups out zero-padded to it.
 # TE's grouped-tensor path quantizes all groups in one kernel, in whole 128-row blocks.
 FP8_GROUP_ALIGN = 16
 GROUPED_FP8_GROUP_ALIGN = 128
@@ -133,19 +132,23 @@ class TEGroupedExperts(nn.Module):
                 weight = getattr(self, name).get_parameter(f"weight{e}")
                 mark_expert_slice(weight, f"{name}.weight{e}", name, first + e, n_experts, n_local)
 
+    def row_alignment(self, dtype: torch.dtype) -> int:
+        """Rows per expert group the GEMMs need, padded by the dispatcher (permutation.align_groups):
+        in FP8 TE quantizes whole 16-row groups, and whole 128-row blocks on the grouped-tensor path."""
+        recipe = _fp8_recipe()
+        if recipe is None:
+            return 1
+        return GROUPED_FP8_GROUP_ALIGN if self._grouped_path(recipe, dtype) else FP8_GROUP_ALIGN
+
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x holds tokens sorted by local expert; counts[e] of them belong to expert e."""
-        recipe, rows = _fp8_recipe(), None
-        if self.grouped_tensor and grouped_tensor_path(recipe, x.dtype):
-            splits = counts  # stays on the GPU
-            if recipe is not None:
-                x, splits, rows = pad_groups_on_device(x, counts, GROUPED_FP8_GROUP_ALIGN)
-        else:
-            splits = counts.tolist()  # TE's split-quantize path takes host-side split sizes
-            if recipe is not None:
-                x, splits, rows = pad_groups(x, counts, splits, FP8_GROUP_ALIGN)
-        out = self.down(self.w1(x, splits), self.w3(x, splits), splits)
-        return out if rows is None else unpad_groups(out, rows)
+        """x holds tokens sorted by local expert, each expert's group padded to row_alignment();
+        counts[e] of them belong to expert e."""
+        # The grouped-tensor path takes the sizes on the GPU; TE's split path wants them on the host.
+        splits = counts if self._grouped_path(_fp8_recipe(), x.dtype) else counts.tolist()
+        return self.down(self.w1(x, splits), self.w3(x, splits), splits)
+
+    def _grouped_path(self, recipe, dtype: torch.dtype) -> bool:
+        return self.grouped_tensor and grouped_tensor_path(recipe, dtype)
 
     def down(self, gate: torch.Tensor, up: torch.Tensor, splits) -> torch.Tensor:
         """w2(SwiGLU) per expert, as GroupedExperts.down: the part selective recomputation may replay."""
@@ -159,95 +162,6 @@ def grouped_tensor_path(recipe, dtype: torch.dtype) -> bool:
 
     supported = getattr(grouped_linear, "is_module_grouped_tensor_path_supported", None)
     return supported is not None and supported(recipe, dtype)
-
-
-def pad_groups(x: torch.Tensor, counts: torch.Tensor, splits: list[int], align: int):
-    """Zero-pad each expert's rows to a multiple of `align`. Returns (padded x, padded splits,
-    the padded row of every original row), or x unchanged and rows None when already aligned."""
-    padded = [_round_up(c, align) for c in splits]
-    if padded == splits:
-        return x, splits, None
-    rows = _padded_rows(x, counts, _round_up(counts, align))  # device counts: `padded` would be an H2D copy
-    return _place_rows(x, rows, sum(padded)), padded, rows
-
-
-def pad_groups_on_device(x: torch.Tensor, counts: torch.Tensor, align: int):
-    """pad_groups without reading the counts on the host: the padded size is the bound
-    round_up(rows, align) + align * experts, and the blocks left over after aligning each group are
-    spread over the groups (zeros, computed and dropped). Returns (padded x, padded counts on the
-    device, the padded row of every original row)."""
-    n = counts.numel()
-    total = _round_up(x.size(0), align) + align * n
-    padded = _round_up(counts, align)
-    spare = (total - padded.sum()) // align  # whole blocks, >= 0
-    padded = padded + align * (spare // n + (torch.arange(n, device=counts.device) < spare % n))
-    rows = _padded_rows(x, counts, padded)
-    return _place_rows(x, rows, total), padded, rows
-
-
-def _place_rows(x: torch.Tensor, rows: torch.Tensor, total: int) -> torch.Tensor:
-    """x's rows at `rows` of a zeroed [total, ...] tensor: the padded layout (unpad_groups inverts it)."""
-    return _PlaceRows.apply(x, rows, total)
-
-
-def unpad_groups(padded: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """The original rows back out of the padded layout (`rows` from pad_groups / pad_groups_on_device)."""
-    return _SelectDistinctRows.apply(padded, rows)
-
-
-class _PlaceRows(torch.autograd.Function):
-    """The padded layout as one gather, each of its rows reading its source row or writing zeros (fused
-    on a GPU). A zero fill and index_copy_ took 1.9 ms for dsv3-slice's rows on the H200 at micro-batch 2,
-    index_copy_ moving two bytes per thread. The adjoint is the selection back."""
-
-    @staticmethod
-    def forward(ctx, x, rows, total):
-        ctx.save_for_backward(rows)
-        source = torch.full((total,), -1, dtype=rows.dtype, device=rows.device)
-        source.scatter_(0, rows, torch.arange(rows.numel(), dtype=rows.dtype, device=rows.device))
-        # TE's split path pads to a new size each step; a gather is the same bits in any kernel
-        return run_fused(_row_or_zero, x, source, dynamic=None)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (rows,) = ctx.saved_tensors
-        return _SelectDistinctRows.apply(grad, rows), None, None
-
-
-class _SelectDistinctRows(torch.autograd.Function):
-    """x.index_select(0, rows) for rows without repeats. Its gradient is then a placement into zeros, not
-    index_select's accumulating index_add, whose atomics took 2 ms per dsv3-slice MoE layer on the H200."""
-
-    @staticmethod
-    def forward(ctx, x, rows):
-        ctx.save_for_backward(rows)
-        ctx.n_rows = x.size(0)
-        return x.index_select(0, rows)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (rows,) = ctx.saved_tensors
-        return _PlaceRows.apply(grad, rows, ctx.n_rows), None
-
-
-def _row_or_zero(x, source):
-    """Row i of the result is x[source[i]], or zeros where source[i] is -1."""
-    return torch.where((source >= 0).unsqueeze(-1), x[source.clamp(min=0)], 0)
-
-
-def _round_up(n, align: int):
-    """n (an int, or a tensor of them) rounded up to a multiple of align."""
-    return -(-n // align) * align
-
-
-def _padded_rows(x: torch.Tensor, counts: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:
-    """Where each of x's rows goes when expert e's counts[e] rows are given padded[e] rows."""
-    added = padded - counts
-    shift = added.cumsum(0) - added  # rows added before expert e
-    expert = torch.repeat_interleave(
-        torch.arange(counts.numel(), device=x.device), counts, output_size=x.size(0)
-    )
-    return torch.arange(x.size(0), device=x.device) + shift[expert]
 
 
 def _linear(linear: nn.Module, dtype, device, norm: nn.Module | None = None):

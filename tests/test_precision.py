@@ -7,7 +7,7 @@ import torch
 
 from megatron_ds import precision
 from megatron_ds.config import ConfigError, load_config
-from parallel.transformer_engine import local_counterpart, pad_groups, pad_groups_on_device, unpad_groups
+from parallel.transformer_engine import local_counterpart
 
 
 def cfg(*overrides: str):
@@ -73,75 +73,6 @@ def test_fp8_on_a_gpu_without_fp8_fails_at_start(monkeypatch):
         precision.check_precision(c, torch.device("cuda"))
     # BF16 through TE needs no FP8 tensor cores.
     precision.check_precision(cfg("precision.linear_impl=te"), torch.device("cuda"))
-
-
-def test_pad_groups_aligns_every_expert_and_round_trips():
-    counts = torch.tensor([3, 0, 17, 16])
-    x = torch.randn(int(counts.sum()), 8, requires_grad=True)
-    padded, splits, rows = pad_groups(x, counts, counts.tolist(), 16)
-    assert splits == [16, 0, 32, 16]
-    assert padded.shape == (64, 8)
-    assert torch.equal(padded.index_select(0, rows), x)
-    kept = torch.zeros(64, dtype=torch.bool)
-    kept[rows] = True
-    assert padded[~kept].abs().sum() == 0  # the padding rows are zeros
-    padded.index_select(0, rows).sum().backward()
-    assert torch.equal(x.grad, torch.ones_like(x))
-    same, same_splits, no_rows = pad_groups(x, torch.tensor([16, 32]), [16, 32], 16)
-    assert same is x and same_splits == [16, 32] and no_rows is None
-
-
-def test_unpad_groups_gradient_is_index_selects():
-    """The padded rows' gradient: the output's at the kept rows, zeros at the padding."""
-    counts = torch.tensor([3, 0, 130, 128])
-    x = torch.randn(int(counts.sum()), 8)
-    padded, _, rows = pad_groups_on_device(x, counts, 128)
-    probe = torch.randn_like(x)
-    grads = []
-    for unpad in (unpad_groups, lambda p, r: p.index_select(0, r)):
-        leaf = padded.clone().requires_grad_()
-        out = unpad(leaf, rows)
-        assert torch.equal(out, x)
-        (out * probe).sum().backward()
-        grads.append(leaf.grad)
-    assert torch.equal(*grads)
-
-
-def test_pad_groups_gradient_reads_the_padded_rows_back():
-    counts = torch.tensor([3, 0, 130, 128])
-    x = torch.randn(int(counts.sum()), 8, requires_grad=True)
-    padded, _, rows = pad_groups_on_device(x, counts, 128)
-    probe = torch.randn_like(padded)
-    (padded * probe).sum().backward()
-    assert torch.equal(x.grad, probe.index_select(0, rows))
-
-
-def test_pad_groups_on_device_aligns_every_expert_to_a_size_known_without_the_counts():
-    """TE's grouped-tensor path: 128-row groups, the total fixed by the row count alone (no host read
-    of the counts), the spare blocks spread over the experts."""
-    counts = torch.tensor([3, 0, 130, 128])
-    x = torch.randn(int(counts.sum()), 8, requires_grad=True)
-    padded, sizes, rows = pad_groups_on_device(x, counts, 128)
-    assert padded.shape == (384 + 4 * 128, 8)  # round_up(261, 128) + 128 per expert
-    assert int(sizes.sum()) == padded.size(0) and bool((sizes % 128 == 0).all())
-    assert bool((sizes >= counts).all()) and sizes.tolist() == [
-        256,
-        128,
-        384,
-        128,
-    ]  # aligned 128, 0, 256, 128 + 3 spare blocks
-    starts = sizes.cumsum(0) - sizes
-    assert rows.tolist() == [
-        *range(3),
-        *range(starts[2], starts[2] + 130),
-        *range(starts[3], starts[3] + 128),
-    ]
-    assert torch.equal(padded.index_select(0, rows), x)
-    kept = torch.zeros(padded.size(0), dtype=torch.bool)
-    kept[rows] = True
-    assert padded[~kept].abs().sum() == 0
-    padded.index_select(0, rows).sum().backward()
-    assert torch.equal(x.grad, torch.ones_like(x))
 
 
 def test_te_parameters_find_their_local_counterparts_by_their_marks():

@@ -14,7 +14,15 @@ from torch import nn
 from megatron_ds.config import ModelConfig
 from megatron_ds.model.compiled import run_fused
 from megatron_ds.model.norm import MLP, swiglu
-from megatron_ds.model.permutation import gather_copies, sort_copies, weighted_combine
+from megatron_ds.model.permutation import (
+    align_groups,
+    expert_layout,
+    from_layout,
+    gather_copies,
+    sort_copies,
+    to_layout,
+    weighted_combine,
+)
 
 
 def limit_to_blocks(scores: torch.Tensor, n_blocks: int, n_keep: int, top_per_block: int) -> torch.Tensor:
@@ -102,6 +110,10 @@ class GroupedExperts(nn.Module):
     def n_local_experts(self) -> int:
         return self.w1.size(0)
 
+    def row_alignment(self, dtype: torch.dtype) -> int:
+        """Rows per expert group the GEMMs need (permutation.align_groups pads to it): any number."""
+        return 1
+
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x holds tokens sorted by local expert; counts[e] of them belong to expert e."""
         groups = _expert_groups(x, counts)
@@ -156,12 +168,24 @@ def _accumulate_(total: torch.Tensor, addend: torch.Tensor) -> None:
     total.add_(addend.to(total.dtype))
 
 
+def run_on_sorted_rows(experts: nn.Module, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """experts(x, counts) for rows already sorted by expert, padded to the groups the experts want
+    (row_alignment) and the padding dropped after, as the dispatchers do: for benchmarks and tests
+    that drive the experts directly. Under FP8, call it inside the te.autocast."""
+    align = experts.row_alignment(x.dtype)
+    if align == 1:
+        return experts(x, counts)
+    order, position, counts = expert_layout(torch.arange(x.size(0), device=x.device), counts, align)
+    return from_layout(experts(to_layout(x, order, position), counts), order, position)
+
+
 class LocalDispatcher:
     """All routed experts live in this process: sort tokens by expert, run, weight and sum back."""
 
     def __call__(self, x, weights, indices, experts: GroupedExperts, shared_experts: nn.Module | None):
         order, inverse = sort_copies(indices)
         counts = tokens_per_expert(indices, experts.n_local_experts)
+        order, inverse, counts = align_groups(order, inverse, counts, experts.row_alignment(x.dtype))
         routed = experts(gather_copies(x, order, inverse), counts)
         out = weighted_combine(routed, order, inverse, weights)
         return out if shared_experts is None else out + shared_experts(x)

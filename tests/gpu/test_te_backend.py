@@ -191,7 +191,7 @@ def test_te_experts_grouped_tensor_path_matches_the_split_path(fp8):
     """TE's grouped-tensor path (split sizes on the GPU, 128-row groups in FP8) against its split
     path (host split sizes, 16-row groups): the same outputs and gradients, to BF16 rounding, or in FP8
     to the noise of quantizing gradients in differently grouped 128-token tiles."""
-    from megatron_ds.model.moe import GroupedExperts
+    from megatron_ds.model.moe import GroupedExperts, run_on_sorted_rows
     from megatron_ds.precision import fp8_recipe
     from parallel.transformer_engine import TEGroupedExperts, copy_local_weights, grouped_tensor_path
 
@@ -214,7 +214,7 @@ def test_te_experts_grouped_tensor_path_matches_the_split_path(fp8):
         copy_local_weights(experts, local)
         xi = x.clone().requires_grad_(True)
         with te.autocast(enabled=recipe is not None, recipe=recipe):
-            out = experts(xi, counts)
+            out = run_on_sorted_rows(experts, xi, counts)
         out.backward(dy)
         results.append((out, xi.grad, [p.grad for p in experts.parameters()]))
     (out0, dx0, dw0), (out1, dx1, dw1) = results

@@ -151,7 +151,14 @@ def check_received_tokens_match_router():
     assert torch.equal(received, torch.stack(expected) if expected else x.new_zeros(0, dim))
 
 
-def check_dispatcher_matches_local(overlap: bool = True, fp8: bool = False):
+class AlignedExperts(GroupedExperts):
+    """GroupedExperts asking for 8-row groups, as TE's FP8 experts ask for 16 or 128."""
+
+    def row_alignment(self, dtype):
+        return 8
+
+
+def check_dispatcher_matches_local(overlap: bool = True, fp8: bool = False, aligned: bool = False):
     """Output and gradients (tokens, weights, experts, shared expert) against LocalDispatcher."""
     n_experts, k, dim, inter = 16, 4, 128, 16
     rank = dist.get_rank()
@@ -160,7 +167,7 @@ def check_dispatcher_matches_local(overlap: bool = True, fp8: bool = False):
     shared = torch.nn.Linear(dim, dim, bias=False)
     for w in (experts.w1, experts.w2, experts.w3):
         torch.nn.init.normal_(w, std=0.1)
-    local_experts = GroupedExperts(4, dim, inter)
+    local_experts = (AlignedExperts if aligned else GroupedExperts)(4, dim, inter)
     with torch.no_grad():
         for name in ("w1", "w2", "w3"):
             getattr(local_experts, name).copy_(getattr(experts, name)[rank * 4 : rank * 4 + 4])
@@ -216,6 +223,11 @@ def check_dispatcher_fp8_payload():
     check_dispatcher_matches_local(fp8=True)
 
 
+def check_dispatcher_aligned_groups():
+    """The received rows laid out in padded 8-row groups per local expert (permutation.expert_layout)."""
+    check_dispatcher_matches_local(aligned=True)
+
+
 def check_dispatch_metrics_reset():
     cfg = tiny_config(1, 4)
     initialize_groups(cfg)
@@ -236,6 +248,7 @@ CHECKS = [
     check_dispatcher_matches_local,
     check_dispatcher_synchronous,
     check_dispatcher_fp8_payload,
+    check_dispatcher_aligned_groups,
     check_ep2_dp4,
     check_ep4_dp4,
     check_ep2_tp2_dp2,
