@@ -163,7 +163,12 @@ class WeightedCombine(torch.autograd.Function):
 
 
 def _gather_rows(x, order, k: int):
-    return _row_or_zero(x, order // k)  # a padding row's -1 floors to -1
+    return _row_or_zero(x, _token_of(order, k))
+
+
+def _token_of(order, k: int):
+    """The token of each sorted copy (flat copy t K + j), -1 at padding rows."""
+    return torch.where(order >= 0, order // k, -1)
 
 
 # The sums over the K copies are unrolled into K row gathers: as a reduction over a gathered
@@ -184,8 +189,7 @@ def _weighted_sum(rows, inverse, weights):
 def _weighted_sum_backward(grad_out, rows, order, inverse, weights):
     """Both gradients from one pass over the sorted rows; the weights' come back through `inverse`."""
     acc = accumulator(rows.dtype)
-    k = weights.size(1)
-    grad_copy = _row_or_zero(grad_out, order // k).to(acc)  # zeros at padding rows
+    grad_copy = _row_or_zero(grad_out, _token_of(order, weights.size(1))).to(acc)  # zeros at padding rows
     grad_rows = grad_copy * _row_or_zero(weights.flatten(), order).to(acc).unsqueeze(-1)
     grad_weights = (grad_copy * rows.to(acc)).sum(-1)[inverse]
     return grad_rows.to(rows.dtype), grad_weights.to(weights.dtype)
