@@ -65,7 +65,7 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x is [tokens, dim] in sequences of seq_len. Returns weights, indices, balance loss."""
         a = self.args
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        scores = RouterAffinities.apply(x, self.weight)
         choice = scores.detach() + self.bias
         choice = limit_to_blocks(
             choice,
@@ -95,6 +95,26 @@ class Gate(nn.Module):
         f = chosen.sum(1) * n_experts / (k * seq_len)
         p = probs.mean(1)
         return a.balance_loss_alpha * (f * p).sum(-1).mean()
+
+
+class RouterAffinities(torch.autograd.Function):
+    """sigmoid(x W^T), computed in fp32 whatever x's dtype (the report keeps gating in high precision),
+    keeping x as it came for the backward. F.linear(x.float(), W) keeps x's fp32 copy, twice the bytes
+    of a bf16 x, which the shared experts keep anyway."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        scores = F.linear(x.float(), weight.float()).sigmoid()
+        ctx.save_for_backward(x, weight, scores)
+        return scores
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, scores = ctx.saved_tensors
+        grad_logits = torch.ops.aten.sigmoid_backward(grad, scores)
+        grad_x = (grad_logits @ weight.float()).to(x.dtype)
+        grad_weight = grad_logits.flatten(0, -2).t() @ x.flatten(0, -2).float()
+        return grad_x, grad_weight.to(weight.dtype)
 
 
 class GroupedExperts(nn.Module):

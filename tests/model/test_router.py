@@ -2,17 +2,19 @@
 
 Node- and group-limited top-K choices against a brute-force search over node and group sets; the
 balance bias steering selection but not weights; the bias update rule; the sequence-wise balance
-loss (eqs. 17-20), its value and the gradient that reaches the router.
+loss (eqs. 17-20), its value and the gradient that reaches the router; the fp32 affinities.
 """
 
 import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from model_testing import small_config
 
 from megatron_ds.model.init import init_weights
-from megatron_ds.model.moe import Gate, MoE, tokens_per_expert, update_expert_bias
+from megatron_ds.model.moe import Gate, MoE, RouterAffinities, tokens_per_expert, update_expert_bias
+from parallel.recompute import bytes_kept_for_backward
 
 # (experts, K, groups, groups kept, nodes, nodes kept): DeepSeek-V3's shape scaled down (groups = nodes),
 # groups inside nodes, nodes inside groups, and the group limit alone.
@@ -144,3 +146,22 @@ def test_tokens_per_expert_counts_like_bincount():
         want = torch.bincount(indices.flatten(), minlength=n_experts)
         assert torch.equal(tokens_per_expert(indices, n_experts), want)
     assert tokens_per_expert(torch.empty(0, 8, dtype=torch.long), 4).tolist() == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_router_affinities_are_fp32_and_keep_x_as_it_came(dtype):
+    """The same scores and gradients as F.linear(x.float(), W).sigmoid() under autograd, without keeping
+    x's fp32 copy for the backward."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 16, generator=gen).to(dtype).requires_grad_()
+    weight = torch.randn(8, 16, generator=gen, requires_grad=True)
+    probe = torch.randn(2, 5, 8, generator=gen)
+    scores = RouterAffinities.apply(x, weight)
+    got = [scores, *torch.autograd.grad((scores * probe).sum(), [x, weight])]
+    reference = F.linear(x.float(), weight).sigmoid()
+    want = [reference, *torch.autograd.grad((reference * probe).sum(), [x, weight])]
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+    kept = bytes_kept_for_backward(lambda: RouterAffinities.apply(x, weight), [weight])
+    assert kept == x.numel() * x.element_size() + scores.numel() * 4
