@@ -52,10 +52,9 @@ def aligned_layout(
     padded order (-1 at a padding row), each sorted row's new position, and the padded counts."""
     n, n_rows = counts.numel(), order.numel()
     total = _round_up(n_rows, align) + align * n
-    spare = (total - _round_up(counts, align).sum()) // align  # whole blocks, >= 0
-    padded = _round_up(counts, align) + align * (
-        spare // n + (torch.arange(n, device=counts.device) < spare % n)
-    )
+    aligned = _round_up(counts, align)
+    spare = (total - aligned.sum()) // align  # whole blocks, >= 0
+    padded = aligned + align * (spare // n + (torch.arange(n, device=counts.device) < spare % n))
     added = padded - counts
     expert = torch.repeat_interleave(torch.arange(n, device=counts.device), counts, output_size=n_rows)
     positions = torch.arange(n_rows, device=order.device) + (added.cumsum(0) - added)[expert]

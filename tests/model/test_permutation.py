@@ -3,6 +3,7 @@ layouts of experts whose GEMMs want aligned groups."""
 
 import pytest
 import torch
+from aligned_experts import AlignedExperts
 
 from megatron_ds.model import compiled as compiled_module
 from megatron_ds.model.moe import GroupedExperts, LocalDispatcher, run_on_sorted_rows
@@ -143,13 +144,6 @@ def test_layout_round_trips_and_its_gradients_are_the_reverse_gathers():
     (rows_grad,) = torch.autograd.grad((from_layout(leaf, order, position) * probe[:36]).sum(), leaf)
     assert torch.equal(rows_grad[position], probe[:36]) and rows_grad[order < 0].abs().sum() == 0
     assert expert_layout(by_expert, counts, 1)[0] is by_expert  # unpadded: the sort alone
-
-
-class AlignedExperts(GroupedExperts):
-    """GroupedExperts asking for 8-row groups, as TE's FP8 experts ask for 16 or 128."""
-
-    def row_alignment(self, dtype):
-        return 8
 
 
 @pytest.mark.parametrize(

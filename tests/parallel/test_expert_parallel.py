@@ -11,6 +11,7 @@ starved through the balance bias, and the TP slices of 21 tokens are uneven.
 import pytest
 import torch
 import torch.distributed as dist
+from aligned_experts import AlignedExperts
 from megatron.core import parallel_state as ps
 from spawn_world import run_checks
 
@@ -149,13 +150,6 @@ def check_received_tokens_match_router():
     expected_counts = [sum(int((idx == e).sum()) for _, idx in everyone) for e in local]
     assert counts.tolist() == expected_counts
     assert torch.equal(received, torch.stack(expected) if expected else x.new_zeros(0, dim))
-
-
-class AlignedExperts(GroupedExperts):
-    """GroupedExperts asking for 8-row groups, as TE's FP8 experts ask for 16 or 128."""
-
-    def row_alignment(self, dtype):
-        return 8
 
 
 def check_dispatcher_matches_local(overlap: bool = True, fp8: bool = False, aligned: bool = False):
