@@ -7,6 +7,7 @@
 - The routed token copies gathered into 128-row expert groups for TE's FP8 grouped GEMM: the sorted
   gather, a zero fill and index_copy_ (the eighth H200 run's code) against one gather straight into
   the padded layout (`permutation.align_groups`), each with its gradient.
+- SwiGLU on the routed experts' rows: F.silu(gate) * up (before) against `norm.swiglu`.
 - A routed-expert weight gradient into DDP's fp32 main_grad: the eager mixed-dtype add of DDP's hook
   against the compiled add of `moe.GroupedMatmulIntoMainGrad`.
 
@@ -40,7 +41,7 @@ def main() -> None:
 
     from megatron_ds.model.compiled import run_fused
     from megatron_ds.model.moe import _accumulate_, tokens_per_expert
-    from megatron_ds.model.norm import RMSNorm
+    from megatron_ds.model.norm import RMSNorm, swiglu
     from megatron_ds.model.permutation import align_groups, aligned_layout, gather_copies, sort_copies
     from megatron_ds.model.rope import _rotate_pairs, keys_and_values, rotate_tail
 
@@ -93,6 +94,9 @@ def main() -> None:
         placed = rows.new_zeros(grad_padded.shape).index_copy_(0, positions, rows)
         torch.autograd.grad(placed, tokens, grad_padded)
 
+    gate, up = leaf(b * s * 8, inter), leaf(b * s * 8, inter)
+    grad_h = torch.randn_like(gate)
+
     main_grad = torch.zeros(args.experts, dim, inter, device="cuda")
     expert_grad = torch.randn(args.experts, dim, inter, device="cuda").bfloat16()
     rows = [
@@ -103,6 +107,9 @@ def main() -> None:
         ("MLA keys and values", f"[{b}, {s}, {h}, {nope}+{v_dim}]", keys_unfused, keys_fused),
         ("routed copies into 128-row expert groups (FP8)", f"[{b * s} x 8 -> {padded_order.numel()}, {dim}]",
          pad_after_gather, gather_padded),
+        ("SwiGLU of the routed experts", f"[{b * s} x 8, {inter}]",
+         lambda: torch.autograd.grad(torch.nn.functional.silu(gate) * up, [gate, up], grad_h),
+         lambda: torch.autograd.grad(swiglu(gate, up), [gate, up], grad_h)),
         ("expert weight gradient into fp32 main_grad", f"[{args.experts}, {dim}, {inter}]",
          lambda: main_grad.add_(expert_grad), lambda: run_fused(_accumulate_, main_grad, expert_grad)),
     ]  # fmt: skip

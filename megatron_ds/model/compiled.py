@@ -17,8 +17,9 @@ def run_fused(body, *args, dynamic: bool | None = False):
     in detached: guards on requires_grad or on nn.Parameter would otherwise compile a body again for
     the same shapes. Shapes are static, each new one compiled once into a kernel of its own, so a
     shape always runs the same kernel (a replay under recomputation gives the same bits). For a body
-    whose sizes may change every step, dynamic=None is torch's automatic dynamic shapes: the first
-    sizes static, one kernel for all sizes after the first change.
+    whose sizes may change every step, dynamic=True compiles one kernel for all sizes, and
+    dynamic=None is torch's automatic dynamic shapes: the first sizes static, one kernel for all
+    sizes after the first change.
     """
     if compiles(args[0].device.type):
         args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]

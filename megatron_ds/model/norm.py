@@ -58,7 +58,43 @@ def _rms_norm_backward(grad, x, weight, rstd):
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
+    """silu(gate) * up."""
+    return FusedSwiGLU.apply(gate, up)
+
+
+class FusedSwiGLU(torch.autograd.Function):
+    """silu(gate) * up with its forward and backward each one pass (Inductor-fused on a GPU). Eager,
+    silu and the product are separate kernels (and three more in the backward), and autograd keeps
+    silu(gate) for the product's backward besides gate and up; this keeps gate and up only.
+
+    Compiled for any number of rows (dynamic): the routed experts' rows change every step, and one
+    kernel for all sizes gives a recomputed forward the same bits as the first."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return run_fused(_swiglu, gate, up, dynamic=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        return run_fused(_swiglu_backward, grad.contiguous(), gate, up, dynamic=True)
+
+
+def _swiglu(gate, up):
+    """silu(gate) * up in fp32 or wider, rounded once."""
+    wide_gate = gate.to(accumulator(gate.dtype))
+    return (F.silu(wide_gate) * up.to(wide_gate.dtype)).to(gate.dtype)
+
+
+def _swiglu_backward(grad, gate, up):
+    """With s = sigmoid(gate): d gate = grad up s (1 + gate (1 - s)), d up = grad gate s."""
+    wide = accumulator(gate.dtype)
+    wide_grad, wide_gate, wide_up = grad.to(wide), gate.to(wide), up.to(wide)
+    sig = torch.sigmoid(wide_gate)
+    grad_gate = wide_grad * wide_up * sig * (1 + wide_gate * (1 - sig))
+    grad_up = wide_grad * wide_gate * sig
+    return grad_gate.to(gate.dtype), grad_up.to(up.dtype)
 
 
 class MLP(nn.Module):

@@ -1,4 +1,5 @@
-"""Kernels Inductor compiles on the GPU, against eager runs: RMSNorm at DeepSeek-V3's width, MLA's rotary
+"""Kernels Inductor compiles on the GPU, against eager runs: RMSNorm at DeepSeek-V3's width, SwiGLU on
+changing row counts, MLA's rotary
 functions at its head sizes, and the routed experts' BF16 grouped GEMMs with Megatron-Core-style fp32
 main_grad views (the weight gradients added by the compiled kernel into each weight's own slice of one
 buffer). Run on the H200 by benches/h200_gpu_tests.sh."""
@@ -8,7 +9,7 @@ import torch
 
 from megatron_ds.model import compiled
 from megatron_ds.model.moe import GroupedExperts
-from megatron_ds.model.norm import RMSNorm
+from megatron_ds.model.norm import RMSNorm, swiglu
 from megatron_ds.model.rope import keys_and_values, rotate_tail
 
 pytestmark = [
@@ -96,3 +97,27 @@ def test_rms_norm_matches_eager(monkeypatch):
     for got, want in zip(*results):
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-2)
+
+
+def test_swiglu_matches_eager_for_changing_row_counts(monkeypatch):
+    """bf16 at the routed experts' width (2048), with row counts that change as theirs do each step;
+    a forward replayed (recomputation) after other sizes ran gives the same bits as the first."""
+    assert compiled.compiles("cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    inputs = [[(4 * torch.randn(rows, 2048, device="cuda", generator=gen)).bfloat16() for _ in range(3)]
+              for rows in (8192, 8320, 6400)]  # fmt: skip
+    first = None
+    for gate, up, probe in inputs:
+        results = []
+        for use_compiled in (True, False):
+            monkeypatch.setattr(compiled, "compiles", lambda device_type, c=use_compiled: c)
+            leaves = [gate.clone().requires_grad_(), up.clone().requires_grad_()]
+            h = swiglu(*leaves)
+            (h.float() * probe).sum().backward()
+            results.append([h.detach(), *(t.grad for t in leaves)])
+        first = results[0][0] if first is None else first
+        for got, want in zip(*results):
+            assert got.dtype == torch.bfloat16
+            torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-2)
+    monkeypatch.setattr(compiled, "compiles", lambda device_type: True)
+    assert torch.equal(swiglu(*inputs[0][:2]), first)

@@ -1,12 +1,12 @@
-"""The fused RMSNorm against RMSNorm written out (x / sqrt(mean(x^2) + eps) * weight) and against
-torch's F.rms_norm, and what it keeps for the backward."""
+"""The fused RMSNorm and SwiGLU against their formulas written out and against torch's own functions
+(F.rms_norm, F.silu), and what they keep for the backward."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from megatron_ds.model import compiled as compiled_module
-from megatron_ds.model.norm import FusedRMSNorm, RMSNorm
+from megatron_ds.model.norm import FusedRMSNorm, FusedSwiGLU, RMSNorm, swiglu
 from parallel.recompute import bytes_kept_for_backward
 
 DIM, EPS = 24, 1e-6
@@ -66,3 +66,48 @@ def test_compiled_bodies_match_eager(monkeypatch):
         results.append(value_and_gradients(norm(x), [x, norm.weight]))
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+
+
+def gate_and_up(dtype, rows: int = 10, seed: int = 2):
+    gen = torch.Generator().manual_seed(seed)
+    return [(4 * torch.randn(rows, DIM, generator=gen, dtype=torch.float64)).to(dtype).requires_grad_()
+            for _ in range(2)]  # fmt: skip
+
+
+def test_swiglu_matches_its_formula_in_fp64():
+    gate, up = gate_and_up(torch.float64)
+    got = value_and_gradients(swiglu(gate, up), [gate, up])
+    want = value_and_gradients(gate * torch.sigmoid(gate) * up, [gate, up])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(FusedSwiGLU.apply, (gate, up))
+
+
+def test_swiglu_in_bf16_computes_in_fp32_and_rounds_once():
+    gate, up = gate_and_up(torch.bfloat16)
+    got = value_and_gradients(swiglu(gate, up), [gate, up])
+    gate32, up32 = (t.detach().float().requires_grad_() for t in (gate, up))
+    want = value_and_gradients(F.silu(gate32) * up32, [gate32, up32])
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.float(), w.bfloat16().float(), rtol=8e-3, atol=1e-2)
+
+
+def test_swiglu_keeps_gate_and_up_only():
+    """Eager silu(gate) * up also keeps silu(gate) for the product's backward: a third tensor."""
+    gate, up = gate_and_up(torch.bfloat16)
+    assert bytes_kept_for_backward(lambda: swiglu(gate, up), []) == 2 * gate.numel() * 2
+    assert bytes_kept_for_backward(lambda: F.silu(gate) * up, []) == 3 * gate.numel() * 2
+
+
+@pytest.mark.slow
+def test_compiled_swiglu_matches_eager_for_every_row_count(monkeypatch):
+    """One dynamic kernel serves the routed experts' changing row counts, with eager's values."""
+    for rows in (10, 7, 33):
+        results = []
+        for compiled in (False, True):
+            monkeypatch.setattr(compiled_module, "compiles", lambda device_type, compiled=compiled: compiled)
+            gate, up = gate_and_up(torch.float32, rows)
+            results.append(value_and_gradients(swiglu(gate, up), [gate, up]))
+        for eager, compiled in zip(*results):
+            torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
