@@ -3,9 +3,12 @@
 import pytest
 import torch
 
+from torch import nn
+
 from megatron_ds.config import ConfigError, load_config
+from megatron_ds.model.norm import RMSNorm
 from parallel.parallelize import ModelGroups, build_model
-from parallel.recompute import REGIONS, bytes_kept_for_backward
+from parallel.recompute import REGIONS, NormOutputs, bytes_kept_for_backward
 
 
 def tiny(*regions: str):
@@ -80,3 +83,44 @@ def test_recompute_with_compiled_bodies_changes_nothing(monkeypatch):
     for base, recomputed in (runs[:2], runs[2:]):
         for name, grad in recomputed.items():
             assert torch.equal(grad, base[name]), name
+
+
+class NormAndReaders(nn.Module):
+    """A norm whose output two GEMMs read, one of them through a view (as the router and the shared
+    experts read the MoE's normed input)."""
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.norm = RMSNorm(dim)
+        self.first = nn.Linear(dim, 8, bias=False)
+        self.second = nn.Linear(dim, 8, bias=False)
+
+    def forward(self, x):
+        y = self.norm(x)
+        return self.first(y) * self.second(y.flatten(0, 1)).view(*x.shape[:2], 8)
+
+
+def test_norm_outputs_are_recomputed_once_not_kept():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    plain, recomputed = NormAndReaders(), NormAndReaders()
+    recomputed.load_state_dict(plain.state_dict())
+    runs = {"norm": 0}
+
+    def counting(x):
+        runs["norm"] += 1
+        return RMSNorm.forward(recomputed.norm, x)
+
+    recomputed.norm.forward = counting
+    NormOutputs().apply(recomputed)
+    results = []
+    for model in (plain, recomputed):
+        x.grad = None
+        out = []
+        kept = bytes_kept_for_backward(lambda: out.append(model(x)), model.parameters())  # noqa: B023
+        out[0].square().sum().backward()
+        results.append((kept, out[0], x.grad, *(p.grad for p in model.parameters())))
+    assert results[0][0] - results[1][0] == x.numel() * 4  # the norm's output, fp32
+    assert runs["norm"] == 2  # the forward, and one replay for both readers
+    for got, want in zip(results[1][1:], results[0][1:]):
+        assert torch.equal(got, want)
