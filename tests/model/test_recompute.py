@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from torch import nn
 
 from megatron_ds.config import ConfigError, load_config
