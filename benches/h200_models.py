@@ -69,6 +69,10 @@ def build_ours(cfg) -> torch.nn.Module:
     for gate in moe_gates(model).values():
         gate.float()
     _gpu_init(model, cfg.model.init_std)
+    if cfg.train.recompute:  # as parallel.parallelize.build_model does
+        from parallel.recompute import apply_recompute
+
+        apply_recompute(model, cfg)
     return model
 
 
