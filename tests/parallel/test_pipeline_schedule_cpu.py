@@ -159,8 +159,10 @@ def check_1f1b_uneven_stages() -> None:
     check_layout("parallel.pipeline=2", "parallel.pipeline_layers=[3,1]")
 
 
-def check_interleaved() -> None:
-    check_layout("parallel.pipeline=2", "parallel.virtual_pipeline=2")
+def check_interleaved() -> None:  # with every recomputation region, replayed across the chunks' backwards
+    check_layout(
+        "parallel.pipeline=2", "parallel.virtual_pipeline=2", "train.recompute=[norm,mla_up_proj,swiglu]"
+    )
 
 
 def check_interleaved_without_mtp() -> None:
@@ -168,7 +170,7 @@ def check_interleaved_without_mtp() -> None:
 
 
 def check_pipeline_expert_data() -> None:
-    check_layout("parallel.pipeline=2", "parallel.expert=2")
+    check_layout("parallel.pipeline=2", "parallel.expert=2", "train.recompute=[norm,swiglu]")
 
 
 def check_pipeline_tensor() -> None:
