@@ -55,24 +55,12 @@ def _gpu_init(model: torch.nn.Module, std: float) -> None:
 
 
 def build_ours(cfg) -> torch.nn.Module:
-    from megatron_ds.model.moe import moe_gates
-    from megatron_ds.model.transformer import Transformer
+    """parallel.parallelize.build_model's model on this GPU (TE layers, recomputation and all), its
+    weights drawn N(0, init_std) here instead of by the layout-independent init."""
+    from parallel.parallelize import ModelGroups, build_model
 
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
-    model.to_empty(device="cuda")
-    if cfg.precision.linear_impl == "te":
-        from parallel.transformer_engine import apply_transformer_engine
-
-        apply_transformer_engine(model, cfg)
-    model.to(torch.bfloat16)
-    for gate in moe_gates(model).values():
-        gate.float()
+    model = build_model(cfg, "cuda", ModelGroups(), initialize=False)
     _gpu_init(model, cfg.model.init_std)
-    if cfg.train.recompute:  # as parallel.parallelize.build_model does
-        from parallel.recompute import apply_recompute
-
-        apply_recompute(model, cfg)
     return model
 
 

@@ -41,8 +41,15 @@ def groups_from_parallel_state() -> ModelGroups:
 
 
 def build_model(
-    cfg: Config, device: torch.device | str = "cpu", groups: ModelGroups | None = None
+    cfg: Config,
+    device: torch.device | str = "cpu",
+    groups: ModelGroups | None = None,
+    initialize: bool = True,
 ) -> Transformer:
+    """This rank's model (or pipeline stage): sharded, on the backend and dtype of the config, with
+    the layout-independent initial weights, and selective recomputation applied. initialize=False
+    leaves the weights as allocated, for a benchmark that fills them on the GPU itself (the
+    layout-independent init draws on the CPU: minutes for billions of parameters)."""
     device = torch.device(device)
     groups = groups if groups is not None else groups_from_parallel_state()
     dtype = DTYPES[cfg.precision.params_dtype]
@@ -63,7 +70,8 @@ def build_model(
     model.to(dtype)
     for gate in moe_gates(model).values():
         gate.float()  # the router stays in fp32 (report section 3.3)
-    init_weights(model, cfg.train.seed, cfg.model.init_std)
+    if initialize:
+        init_weights(model, cfg.train.seed, cfg.model.init_std)
     if cfg.train.recompute:
         from parallel.recompute import apply_recompute
 
