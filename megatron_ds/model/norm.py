@@ -67,8 +67,8 @@ class FusedSwiGLU(torch.autograd.Function):
     silu and the product are separate kernels (and three more in the backward), and autograd keeps
     silu(gate) for the product's backward besides gate and up; this keeps gate and up only.
 
-    Compiled for any number of rows (dynamic): the routed experts' rows change every step, and one
-    kernel for all sizes gives a recomputed forward the same bits as the first."""
+    Compiled for any number of rows (dynamic): under expert parallelism the routed experts' rows change
+    every step, and one kernel for all sizes gives a recomputed forward the same bits as the first."""
 
     @staticmethod
     def forward(ctx, gate, up):
