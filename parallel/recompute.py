@@ -76,7 +76,7 @@ class NormOutputs:
 
     def __init__(self):
         self._outputs: dict[int, tuple[weakref.ref, _NormReplay]] = {}  # by storage address
-        self._depth = 0  # nested forwards inside the model's
+        self._depth = 0  # 1 inside the outermost packing forward
 
     def apply(self, model: nn.Module) -> None:
         for module in list(model.modules()):
@@ -93,6 +93,8 @@ class NormOutputs:
         return y
 
     def _packing(self, forward, *args, **kwargs):
+        if self._depth:  # inside the forward of an enclosing module that packs already
+            return forward(*args, **kwargs)
         outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
         outer_pack, outer_unpack = outer or (lambda t: t, lambda t: t)
 
@@ -112,8 +114,7 @@ class NormOutputs:
                 return forward(*args, **kwargs)
         finally:
             self._depth -= 1
-            if not self._depth:
-                self._outputs.clear()
+            self._outputs.clear()
 
 
 def _storage_address(t: torch.Tensor) -> int | None:
