@@ -22,6 +22,7 @@ import torch
 def measure(preset: str, seq: int, regions: list[str], device: str) -> dict[str, tuple]:
     """Per block kind: (bytes kept per token, ms per forward + backward, CUDA bytes the forward left
     allocated per token); the last two on a GPU only."""
+    from h200_models import build_ours
     from timing import per_call_ms
 
     from megatron_ds.config import load_config
@@ -34,11 +35,7 @@ def measure(preset: str, seq: int, regions: list[str], device: str) -> dict[str,
                  f"train.recompute=[{listed}]", "precision.params_dtype=bf16"]  # fmt: skip
     cfg = load_config(preset, overrides=overrides)
     gpu = device == "cuda"
-    model = build_model(cfg, device, ModelGroups(), initialize=not gpu)
-    if gpu:  # the layout-independent init draws on the CPU; the values do not change what is kept
-        with torch.no_grad():
-            for p in model.parameters():
-                p.fill_(1.0) if p.dim() == 1 else p.normal_(0.0, cfg.model.init_std)
+    model = build_ours(cfg) if gpu else build_model(cfg, "cpu", ModelGroups())
     x = torch.randn(1, seq, model.args.dim, dtype=torch.bfloat16, device=device, requires_grad=True)
     rope = rotary_table(model.args, seq, x.device)
     result = {}

@@ -39,23 +39,24 @@ from megatron_ds.model.moe import GroupedExperts
 from megatron_ds.model.norm import MLP, RMSNorm
 from parallel.transformer_engine import TEGroupedExperts
 
-REGIONS = {
-    "norm": ((RMSNorm, "forward"),),
+# The regions replayed under a checkpoint: the methods that run them. `norm` is NormOutputs.
+CHECKPOINTED = {
     "mla_up_proj": ((MLA, "q_up"), (MLA, "kv_up")),
     "swiglu": ((MLP, "down"), (GroupedExperts, "down"), (TEGroupedExperts, "down")),
 }
-assert tuple(REGIONS) == RECOMPUTE_REGIONS
+REGIONS = ("norm", *CHECKPOINTED)
+assert REGIONS == RECOMPUTE_REGIONS
 
 
 def apply_recompute(model: nn.Module, cfg: Config) -> None:
-    """Replay the regions named in train.recompute (keys of REGIONS) in the backward instead of keeping
+    """Replay the regions named in train.recompute (of REGIONS) in the backward instead of keeping
     their activations: the norms' outputs through NormOutputs, the other regions through the checkpoint
     of the model's backend (precision.linear_impl)."""
     if cfg.precision.linear_impl == "te":
         from transformer_engine.pytorch import checkpoint
     else:
         from torch.utils.checkpoint import checkpoint
-    targets = [target for name in cfg.train.recompute if name != "norm" for target in REGIONS[name]]
+    targets = [target for name in cfg.train.recompute for target in CHECKPOINTED.get(name, ())]
     for module in model.modules():
         for cls, method in targets:
             if isinstance(module, cls):
@@ -76,7 +77,7 @@ class NormOutputs:
 
     def __init__(self):
         self._outputs: dict[int, tuple[weakref.ref, _NormReplay]] = {}  # by storage address
-        self._depth = 0  # 1 inside the outermost packing forward
+        self._in_forward = False  # inside the outermost packing module's forward
 
     def apply(self, model: nn.Module) -> None:
         for module in list(model.modules()):
@@ -88,12 +89,12 @@ class NormOutputs:
     def _register(self, forward, x: torch.Tensor) -> torch.Tensor:
         y = forward(x)
         # Only in a forward: a checkpoint's replay in the backward runs norms too, and must not pin them.
-        if self._depth and y.requires_grad and y.is_contiguous() and y.numel():
-            self._outputs[y.untyped_storage().data_ptr()] = (weakref.ref(y), _NormReplay(forward, x))
+        if self._in_forward and y.requires_grad and y.is_contiguous() and y.numel():
+            self._outputs[_storage_address(y)] = (weakref.ref(y), _NormReplay(forward, x))
         return y
 
     def _packing(self, forward, *args, **kwargs):
-        if self._depth:  # inside the forward of an enclosing module that packs already
+        if self._in_forward:  # inside the forward of an enclosing module that packs already
             return forward(*args, **kwargs)
         outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
         outer_pack, outer_unpack = outer or (lambda t: t, lambda t: t)
@@ -108,12 +109,12 @@ class NormOutputs:
         def unpack(packed):
             return packed.value() if isinstance(packed, _PackedView) else outer_unpack(packed)
 
-        self._depth += 1
+        self._in_forward = True
         try:
             with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
                 return forward(*args, **kwargs)
         finally:
-            self._depth -= 1
+            self._in_forward = False
             self._outputs.clear()
 
 
