@@ -166,16 +166,21 @@ def _grouped_mm(x: torch.Tensor, weights: torch.Tensor, groups: torch.Tensor | l
 class GroupedMatmulIntoMainGrad(torch.autograd.Function):
     """torch._grouped_mm whose weight gradient is added into the weights' fp32 `main_grad` (Megatron-Core
     DDP's buffer) by one fused kernel, and not handed to DDP's hook as a bf16 `.grad`: the hook's
-    mixed-dtype add is an unvectorised kernel (0.9 ms per [16, 7168, 2048] weight on the H200)."""
+    mixed-dtype add is an unvectorised kernel (0.9 ms per [16, 7168, 2048] weight on the H200).
+
+    The weights stay on ctx, not among the saved tensors: under a saved-tensor hook (selective
+    recomputation's) autograd hands back a parameter saved for backward as a new tensor object,
+    without its main_grad."""
 
     @staticmethod
     def forward(ctx, x, weights, offs):
-        ctx.save_for_backward(x, weights, offs)
+        ctx.save_for_backward(x, offs)
+        ctx.weights = weights
         return torch._grouped_mm(x, weights, offs=offs)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weights, offs = ctx.saved_tensors
+        (x, offs), weights = ctx.saved_tensors, ctx.weights
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = torch._grouped_mm(grad, weights.transpose(-2, -1), offs=offs)

@@ -48,12 +48,13 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, weight, labels):
         logits = F.linear(h, weight)
         loss, lse = compiled.run_fused(_cross_entropy, logits, labels)
-        ctx.save_for_backward(h, weight, labels, logits, lse)
+        ctx.save_for_backward(h, labels, logits, lse)
+        ctx.weight = weight  # itself, with its main_grad (see EmbeddingIntoMainGrad)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        h, weight, labels, logits, lse = ctx.saved_tensors
+        (h, labels, logits, lse), weight = ctx.saved_tensors, ctx.weight
         # The logits become their gradient in place: no second [tokens, vocab] buffer. (A second
         # backward through the graph then fails on the saved tensor's version, as autograd's own.)
         grad_logits = compiled.run_fused(_cross_entropy_backward_, logits, lse, labels, grad_loss)
@@ -100,6 +101,8 @@ class EmbeddingIntoMainGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ids, weight):
         ctx.save_for_backward(ids)
+        # The weight itself on ctx: under a saved-tensor hook (selective recomputation's) autograd would
+        # hand back a saved parameter as a new tensor object, without its main_grad.
         ctx.weight = weight
         return F.embedding(ids, weight)
 

@@ -38,6 +38,20 @@ def test_matches_autograd_and_accumulates_like_ddp_hook():
     assert not wm.main_grad[1].ne(earlier[1]).any(), "an expert without rows gets no gradient"
 
 
+def test_main_grad_found_under_saved_tensor_hooks():
+    """Selective recomputation packs saved tensors through hooks, and autograd then hands a saved
+    parameter back as a new tensor object without its main_grad: the gradient must still get there."""
+    x, weights, probe, earlier = problem()
+    wm = weights.clone().requires_grad_()
+    wm.main_grad = earlier.clone()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        out = GroupedMatmulIntoMainGrad.apply(x, wm, OFFSETS)
+    out.backward(probe)
+    torch._grouped_mm(x, weights.requires_grad_(), offs=OFFSETS).backward(probe)
+    assert wm.grad is None
+    assert torch.equal(wm.main_grad, earlier + weights.grad.float())
+
+
 def test_frozen_input_gets_no_gradient():
     x, weights, probe, earlier = problem()
     wm = weights.clone().requires_grad_()

@@ -76,6 +76,21 @@ def test_weight_gradient_accumulates_into_main_grad(weight_dtype):
     torch.testing.assert_close(weight.main_grad - earlier, want, **tolerance)
 
 
+def test_main_grads_found_under_saved_tensor_hooks():
+    """Selective recomputation packs saved tensors through hooks, and autograd then hands a saved
+    parameter back as a new tensor object without its main_grad: the head's and the embedding's
+    gradients must still go to main_grad, not to a .grad."""
+    h, weight, labels, probe = problem(torch.float32, (3, 4), dim=32, vocab=50)
+    head, table = weight.clone().requires_grad_(), weight.clone().requires_grad_()
+    head.main_grad, table.main_grad = torch.zeros_like(weight), torch.zeros_like(weight)
+    ids = labels % weight.size(0)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        loss = (fused_loss(h, head, labels) * probe).sum() + embedding(ids, table).sum()
+    loss.backward()
+    assert head.grad is None and table.grad is None
+    assert head.main_grad.any() and table.main_grad.any()
+
+
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
 def test_embedding_gradient_accumulates_into_main_grad(weight_dtype):
     """Two lookups (main model and MTP), repeated ids: both gradients summed into main_grad in fp32."""
