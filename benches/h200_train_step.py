@@ -13,10 +13,13 @@ does not depend on the text), the same batches for both systems. Model TFLOP/s f
 come from megatron_ds.flops.training_flops_per_token (3 x forward matmul and attention FLOPs,
 no recomputation); MFU is against the 790 TFLOP/s bf16 matmul measured on this H200.
 Also records the optimizer's share of the step (gradient reduction, clip, AdamW, and for ours the
-MoE bias update).
+MoE bias update). Python's garbage collector runs as `mds train` runs it for both systems
+(megatron_ds.train.PythonGC, train.gc_interval; --gc-interval 0 leaves it automatic), and the time
+its collections stopped the host is recorded per step.
 """
 
 import argparse
+import gc
 import json
 import os
 import re
@@ -78,7 +81,34 @@ def gpu_idle(kineto_events, largest: int = 12) -> str:
     return "\n".join(lines)
 
 
-def measure(
+class CollectorPauses:
+    """Seconds Python's garbage collector held the host, summed since the last `take`."""
+
+    def __init__(self):
+        self.total, self._start = 0.0, 0.0
+        gc.callbacks.append(self._note)
+
+    def _note(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.total += time.perf_counter() - self._start
+
+    def take(self) -> float:
+        total, self.total = self.total, 0.0
+        return total
+
+
+def measure(system: str, preset: str, micro_batch: int, fp8: str, *args, gc_interval: int = 0) -> dict:
+    """One configuration's steps (and profiles), Python's collector run as `mds train` runs it."""
+    from megatron_ds.train import PythonGC
+
+    with PythonGC(gc_interval) as python_gc:
+        return _measure(python_gc, system, preset, micro_batch, fp8, *args)
+
+
+def _measure(
+    python_gc,
     system: str,
     preset: str,
     micro_batch: int,
@@ -115,9 +145,11 @@ def measure(
         torch.randint(0, cfg.model.vocab_size, (micro_batch, seq + 1), device="cuda", generator=gen)
         for _ in range(4)
     ]
-    step_s, opt_s, losses = [], [], []
+    step_s, opt_s, gc_s, losses = [], [], [], []
+    pauses = CollectorPauses()
     for i in range(warmup + steps):
         torch.cuda.synchronize()
+        pauses.take()
         t0 = time.perf_counter()
         loss = loss_fn(model, cfg, batches[i % len(batches)])
         loss.backward()
@@ -127,12 +159,14 @@ def measure(
         optimizer.zero_grad()
         if system == "ours":
             update_expert_bias(model, cfg.train.bias_update_speed)
+        python_gc.step(i + 1)
         torch.cuda.synchronize()
         t2 = time.perf_counter()
         losses.append(loss.item())
         if i >= warmup:
             step_s.append(t2 - t0)
             opt_s.append(t2 - t1)
+            gc_s.append(pauses.take())
     if profile:  # one more step under torch.profiler: the kernels that take the GPU's time
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as profiler
@@ -194,6 +228,7 @@ def measure(
         "optimizer_ms": 1e3 * statistics.median(opt_s), "optimizer_share": statistics.median(opt_s) / seconds,
         "step_ms_each": [round(1e3 * t, 1) for t in step_s],  # the spread: host-bound steps vary
         "optimizer_ms_each": [round(1e3 * t, 1) for t in opt_s],
+        "gc_interval": python_gc.interval, "gc_ms_each": [round(1e3 * t, 1) for t in gc_s],
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "params": n_params, "loss": losses[-1],
         # times the allocator ran out, freed its cache and retried: each one waits for the GPU
         "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0),
@@ -213,6 +248,7 @@ def run_all(args) -> list[dict]:
                            "--warmup", str(args.warmup), "--steps", str(args.steps)]  # fmt: skip
                     if args.profile:
                         cmd += ["--profile-file", str(out / "h200_train_step_profiles.txt")]
+                    cmd += ["--gc-interval", str(args.gc_interval)]
                     if system == "ours" and args.ours_overrides:
                         cmd += ["--ours-overrides", *args.ours_overrides]
                     start = time.perf_counter()
@@ -253,6 +289,8 @@ def table(results: list[dict]) -> str:
 
 
 def main() -> None:
+    from megatron_ds.config.schema import TrainConfig
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -273,13 +311,17 @@ def main() -> None:
     parser.add_argument(
         "--ours-overrides", nargs="+", default=[], help="config overrides for ours: precision.expert_gemm=te"
     )
+    parser.add_argument(
+        "--gc-interval", type=int, default=TrainConfig().gc_interval,
+        help="Python's garbage collector as `mds train` runs it (train.gc_interval); 0: automatic",
+    )  # fmt: skip
     parser.add_argument("--out", default=os.environ.get("OUT", "runs/h200"))
     args = parser.parse_args()
     if args.one:
         system, preset, micro_batch, fp8 = args.one
         result = measure(
             system, preset, int(micro_batch), fp8, args.warmup, args.steps, args.profile_file,
-            tuple(args.ours_overrides),
+            tuple(args.ours_overrides), gc_interval=args.gc_interval,
         )  # fmt: skip
         print("RESULT " + json.dumps(result))
         return

@@ -43,7 +43,8 @@ def main() -> None:
         layer.weight.rowwise_data.normal_(0, 0.02)
     weight = layer.weight.rowwise_data.clone()
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
-    ddp = DistributedDataParallel(_transformer_config(bench_config("dsv3-bench", 1, "none")), ddp_config, layer)
+    config = _transformer_config(bench_config("dsv3-bench", 1, "none"))
+    ddp = DistributedDataParallel(config, ddp_config, layer)
     layer.fuse_wgrad_accumulation = True
     param = layer.weight
     buffer = (ddp.buffers + ddp.expert_parallel_buffers)[0]

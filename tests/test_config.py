@@ -70,6 +70,7 @@ INVALID = {
     "beta2": (["train.beta2=1.0"], "train.beta2 must lie in [0, 1)"),
     "tails": (["train.final_lrs=[1e-5]"], "train.final_lrs and train.final_tokens must have the same length"),
     "keep last": (["checkpoint.keep_last=0"], "checkpoint.keep_last must be >= 1"),
+    "gc interval": (["train.gc_interval=-1"], "train.gc_interval must be >= 0"),
 }
 
 

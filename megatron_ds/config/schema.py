@@ -122,6 +122,9 @@ class TrainConfig:
     max_consecutive_skips: int = 5  # NaN/Inf steps in a row before the run saves and stops
     seed: int = 1234
     deterministic: bool = False  # deterministic kernels and fp32 everywhere (tests, debugging)
+    # Python's garbage collector runs between steps, every N steps, not mid-step when allocations
+    # trigger it (megatron_ds.train.PythonGC); 0 = Python's automatic collection
+    gc_interval: int = 50
     # Selective recomputation (report section 3.2.3): any of RECOMPUTE_REGIONS (parallel/recompute.py)
     recompute: list[str] = field(default_factory=list)
 

@@ -194,6 +194,10 @@ def _train_errors(cfg) -> list[str]:
             errors.append(f"train.{name} must lie in [0, 1) (got {getattr(t, name)})")
     if t.steps < 0 or t.train_tokens <= 0:
         errors.append("train.steps must be >= 0 and train.train_tokens positive")
+    if t.gc_interval < 0:
+        errors.append(
+            f"train.gc_interval must be >= 0 (got {t.gc_interval}; 0 leaves Python's collector automatic)"
+        )
     unknown = sorted(set(t.recompute) - set(RECOMPUTE_REGIONS))
     if unknown:
         choices = ", ".join(RECOMPUTE_REGIONS)
