@@ -75,7 +75,8 @@ class PythonGC:
     objects live (FP8's per-expert quantized weights add thousands per step): a host-bound step waits
     that long, and each rank stops at its own moment. Here the collector is off while training and
     collects the young generations every `interval` steps, as torchtitan's gc_freq and Megatron-LM's
-    manual GC do; interval 0 leaves it automatic.
+    manual GC do, and every generation when a checkpoint is saved (a pause among slower ones), so that
+    a run of weeks does not keep its old garbage; interval 0 leaves it automatic.
     """
 
     def __init__(self, interval: int):
@@ -96,6 +97,11 @@ class PythonGC:
         """After optimizer step `step`."""
         if self.interval > 0 and step % self.interval == 0:
             gc.collect(1)
+
+    def saved(self) -> None:
+        """After a checkpoint save."""
+        if self.interval > 0:
+            gc.collect()
 
 
 def _setup_device(local_rank: int) -> torch.device:
@@ -247,6 +253,7 @@ def train(cfg: Config, run_dir: Path) -> int:
             "config": config_to_dict(cfg),
         }
         checkpointer.save(state.step, tensors, extra)
+        python_gc.saved()
         saved_step = state.step
         logger.message(f"saved checkpoint at step {state.step}")
 

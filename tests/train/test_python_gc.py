@@ -21,12 +21,20 @@ def test_collects_between_steps_every_interval_and_restores_the_collector():
     assert gc.isenabled()
 
 
+def test_a_checkpoint_save_collects_every_generation():
+    with PythonGC(50) as python_gc:
+        before = gc.get_stats()[2]["collections"]
+        python_gc.saved()
+        assert gc.get_stats()[2]["collections"] == before + 1
+
+
 def test_interval_zero_leaves_the_collector_automatic():
     with PythonGC(0) as python_gc:
         assert gc.isenabled()
-        before = young_collections()
+        before = young_collections(), gc.get_stats()[2]["collections"]
         python_gc.step(50)
-        assert young_collections() == before
+        python_gc.saved()
+        assert (young_collections(), gc.get_stats()[2]["collections"]) == before
     assert gc.isenabled()
 
 
