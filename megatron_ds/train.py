@@ -73,7 +73,7 @@ class PythonGC:
 
     Left automatic, it stops the host mid-step to walk the tracked objects, a longer stop the more
     objects live (FP8's per-expert quantized weights add thousands per step): a host-bound step waits
-    that long, and each rank stops at its own moment. Here the collector is off while training and
+    that long, and each rank stops at its own moment. Here the collector is off for the run and
     collects the young generations every `interval` steps, as torchtitan's gc_freq and Megatron-LM's
     manual GC do, and every generation when a checkpoint is saved (a pause among slower ones), so that
     a run of weeks does not keep its old garbage; interval 0 leaves it automatic.
@@ -168,6 +168,11 @@ def _total_steps(cfg: Config, granularity: int) -> int:
 
 def train(cfg: Config, run_dir: Path) -> int:
     """Run (or resume) training in RUN_DIR; returns the process exit code."""
+    with PythonGC(cfg.train.gc_interval) as python_gc:
+        return _train(cfg, run_dir, python_gc)
+
+
+def _train(cfg: Config, run_dir: Path, python_gc: PythonGC) -> int:
     from megatron.core import parallel_state as ps
 
     launch = init_distributed()
@@ -238,7 +243,6 @@ def train(cfg: Config, run_dir: Path) -> int:
     run_start, start_tokens, exit_code = time.perf_counter(), state.tokens, 0
     saved_step = state.step if resume_from is not None else None
     record: dict = {}
-    python_gc = PythonGC(t.gc_interval)
 
     def save() -> None:
         nonlocal saved_step
@@ -257,88 +261,83 @@ def train(cfg: Config, run_dir: Path) -> int:
         saved_step = state.step
         logger.message(f"saved checkpoint at step {state.step}")
 
-    with python_gc:
-        while state.step < total_steps:
-            step_start = time.perf_counter()
-            batch_size = schedules.global_batch_size(t, state.tokens, granularity)
-            n_micro = batch_size // granularity
-            lr = schedules.learning_rate(t, state.step, state.tokens)
-            mtp_weight = schedules.mtp_loss_weight(t, state.tokens)
-            BalanceLossGrad.scale = 1.0 / n_micro
+    while state.step < total_steps:
+        step_start = time.perf_counter()
+        batch_size = schedules.global_batch_size(t, state.tokens, granularity)
+        n_micro = batch_size // granularity
+        lr = schedules.learning_rate(t, state.step, state.tokens)
+        mtp_weight = schedules.mtp_loss_weight(t, state.tokens)
+        BalanceLossGrad.scale = 1.0 / n_micro
 
-            with fp8_weights.step(n_micro) if fp8_weights is not None else contextlib.nullcontext():
-                losses = run_micro_batches(batches, n_micro, mtp_weight)  # total, lm, mtp, balance
-            grad_norm = optimizer.reduce_gradients()
-            losses = _all_mean(losses, dp_group)
-            finite = math.isfinite(grad_norm.item()) and math.isfinite(losses[0].item())
-            if finite:
-                optimizer.step(lr, grad_norm)
-                state.consecutive_skips = 0
-            else:
-                state.skipped += 1
-                state.consecutive_skips += 1
-            optimizer.zero_grad()
-            loads = update_expert_bias(model, schedules.bias_update_speed(t, state.tokens) if finite else 0.0,
-                                       dp_group)  # fmt: skip
-            for gate in moe_gates(model).values():
-                gate.balance_loss_sum.zero_()
-
-            state.step += 1
-            python_gc.step(state.step)
-            step_tokens = batch_size * t.seq_len
-            state.tokens += step_tokens
-            seconds = time.perf_counter() - step_start
-            tflops = flops_per_token * step_tokens / seconds / 1e12
-            record = {
-                "step": state.step,
-                "tokens": state.tokens,
-                "loss": losses[0].item() + losses[3].item(),
-                "lm_loss": losses[1].item(),
-                "mtp_loss": losses[2].item(),
-                "balance_loss": losses[3].item(),
-                "grad_norm": grad_norm.item(),
-                "lr": lr,
-                "global_batch": batch_size,
-                "tokens_per_s": step_tokens / seconds,
-                "tflops": tflops,
-                "mfu": tflops / peak,
-                "skipped": state.skipped,
-                "peak_mem_gib": peak_memory_gib(device),
-                "step_seconds": seconds,
-            }
-            traffic = dispatch_metrics(model)
-            if cfg.parallel.expert > 1:  # expert-parallel traffic of the step, summed over all ranks
-                counts = torch.tensor(list(traffic.values()), dtype=torch.float64, device=device)
-                dist.all_reduce(counts)
-                record.update(zip(traffic, counts.tolist()))
-            for name, load in loads.items():
-                imbalance = (load.max() / load.mean()).item()
-                record[f"expert_imbalance/{name.removesuffix('.ffn.gate')}"] = imbalance
-            if state.step % cfg.logging.log_interval == 0 or state.step == total_steps:
-                logger.log(record)
-
-            if state.consecutive_skips >= t.max_consecutive_skips:
-                logger.message(
-                    f"stopping: {state.consecutive_skips} consecutive steps had a non-finite loss or "
-                    f"gradient (last loss {losses[0].item()}, grad norm {grad_norm.item()}); saving for "
-                    "inspection. "
-                    "Lower train.lr or check the data around this step."
-                )
-                save()
-                exit_code = EXIT_DIVERGED
-                break
-            if stop.agreed(device):
-                logger.message(
-                    f"signal received: saving at step {state.step} and exiting with {EXIT_REQUEUE}"
-                )
-                save()
-                exit_code = EXIT_REQUEUE
-                break
-            if checkpointer.due(state.step):
-                save()
+        with fp8_weights.step(n_micro) if fp8_weights is not None else contextlib.nullcontext():
+            losses = run_micro_batches(batches, n_micro, mtp_weight)  # total, lm, mtp, balance
+        grad_norm = optimizer.reduce_gradients()
+        losses = _all_mean(losses, dp_group)
+        finite = math.isfinite(grad_norm.item()) and math.isfinite(losses[0].item())
+        if finite:
+            optimizer.step(lr, grad_norm)
+            state.consecutive_skips = 0
         else:
-            if cfg.checkpoint.save_on_exit and saved_step != state.step:
-                save()
+            state.skipped += 1
+            state.consecutive_skips += 1
+        optimizer.zero_grad()
+        loads = update_expert_bias(model, schedules.bias_update_speed(t, state.tokens) if finite else 0.0,
+                                   dp_group)  # fmt: skip
+        for gate in moe_gates(model).values():
+            gate.balance_loss_sum.zero_()
+
+        state.step += 1
+        python_gc.step(state.step)
+        step_tokens = batch_size * t.seq_len
+        state.tokens += step_tokens
+        seconds = time.perf_counter() - step_start
+        tflops = flops_per_token * step_tokens / seconds / 1e12
+        record = {
+            "step": state.step,
+            "tokens": state.tokens,
+            "loss": losses[0].item() + losses[3].item(),
+            "lm_loss": losses[1].item(),
+            "mtp_loss": losses[2].item(),
+            "balance_loss": losses[3].item(),
+            "grad_norm": grad_norm.item(),
+            "lr": lr,
+            "global_batch": batch_size,
+            "tokens_per_s": step_tokens / seconds,
+            "tflops": tflops,
+            "mfu": tflops / peak,
+            "skipped": state.skipped,
+            "peak_mem_gib": peak_memory_gib(device),
+            "step_seconds": seconds,
+        }
+        traffic = dispatch_metrics(model)
+        if cfg.parallel.expert > 1:  # expert-parallel traffic of the step, summed over all ranks
+            counts = torch.tensor(list(traffic.values()), dtype=torch.float64, device=device)
+            dist.all_reduce(counts)
+            record.update(zip(traffic, counts.tolist()))
+        for name, load in loads.items():
+            record[f"expert_imbalance/{name.removesuffix('.ffn.gate')}"] = (load.max() / load.mean()).item()
+        if state.step % cfg.logging.log_interval == 0 or state.step == total_steps:
+            logger.log(record)
+
+        if state.consecutive_skips >= t.max_consecutive_skips:
+            logger.message(
+                f"stopping: {state.consecutive_skips} consecutive steps had a non-finite loss or gradient "
+                f"(last loss {losses[0].item()}, grad norm {grad_norm.item()}); saving for inspection. "
+                "Lower train.lr or check the data around this step."
+            )
+            save()
+            exit_code = EXIT_DIVERGED
+            break
+        if stop.agreed(device):
+            logger.message(f"signal received: saving at step {state.step} and exiting with {EXIT_REQUEUE}")
+            save()
+            exit_code = EXIT_REQUEUE
+            break
+        if checkpointer.due(state.step):
+            save()
+    else:
+        if cfg.checkpoint.save_on_exit and saved_step != state.step:
+            save()
 
     checkpointer.wait()
     elapsed = time.perf_counter() - run_start

@@ -168,9 +168,8 @@ class GroupedMatmulIntoMainGrad(torch.autograd.Function):
     DDP's buffer) by one fused kernel, and not handed to DDP's hook as a bf16 `.grad`: the hook's
     mixed-dtype add is an unvectorised kernel (0.9 ms per [16, 7168, 2048] weight on the H200).
 
-    The weights stay on ctx, not among the saved tensors: under a saved-tensor hook (selective
-    recomputation's) autograd hands back a parameter saved for backward as a new tensor object,
-    without its main_grad."""
+    The weights stay on ctx, not among the saved tensors, for their main_grad (vocab.EmbeddingIntoMainGrad
+    says why)."""
 
     @staticmethod
     def forward(ctx, x, weights, offs):
