@@ -99,6 +99,32 @@ class CollectorPauses:
         return total
 
 
+def eager_step(model, cfg, system: str):
+    """Forward and backward of one micro-batch; returns the loss."""
+    from benches.h200_models import mcore_loss, ours_loss
+
+    loss_fn = ours_loss if system == "ours" else mcore_loss
+
+    def forward_backward(tokens):
+        loss = loss_fn(model, cfg, tokens)
+        loss.backward()
+        return loss
+
+    return forward_backward
+
+
+def graphed_step(model, cfg):
+    """eager_step for ours under train.cuda_graphs, through the training loop's GraphedMicroBatches:
+    its first steps eager, then replays."""
+    from functools import partial
+
+    from megatron_ds.micro_batches import GraphedMicroBatches
+    from megatron_ds.precision import forward_context
+
+    graphed = GraphedMicroBatches(model, cfg, "cuda", partial(forward_context, cfg))
+    return lambda tokens: graphed(iter([{"tokens": tokens}]), 1, cfg.train.mtp_loss_weight)[0]
+
+
 def measure(system: str, preset: str, micro_batch: int, fp8: str, *args, gc_interval: int = 0) -> dict:
     """One configuration's steps (and profiles), Python's collector run as `mds train` runs it."""
     from megatron_ds.train import PythonGC
@@ -120,14 +146,7 @@ def _measure(
 ) -> dict:
     import torch
 
-    from benches.h200_models import (
-        bench_config,
-        build_mcore,
-        build_ours,
-        init_single_process,
-        mcore_loss,
-        ours_loss,
-    )
+    from benches.h200_models import bench_config, build_mcore, build_ours, init_single_process
     from megatron_ds.flops import training_flops_per_token
     from megatron_ds.model.moe import update_expert_bias
     from parallel.megatron_optimizer import MegatronOptimizer
@@ -136,8 +155,8 @@ def _measure(
     torch.manual_seed(0)
     cfg = bench_config(preset, micro_batch, fp8, overrides=overrides)
     model = build_ours(cfg) if system == "ours" else build_mcore(cfg)
-    loss_fn = ours_loss if system == "ours" else mcore_loss
     optimizer = MegatronOptimizer(model, [model], cfg)
+    forward_backward = graphed_step(model, cfg) if cfg.train.cuda_graphs else eager_step(model, cfg, system)
     n_params = sum(p.numel() for p in model.parameters())
     gen = torch.Generator(device="cuda").manual_seed(0)
     seq = cfg.train.seq_len
@@ -151,8 +170,7 @@ def _measure(
         torch.cuda.synchronize()
         pauses.take()
         t0 = time.perf_counter()
-        loss = loss_fn(model, cfg, batches[i % len(batches)])
-        loss.backward()
+        loss = forward_backward(batches[i % len(batches)])
         torch.cuda.synchronize()
         t1 = time.perf_counter()
         optimizer.step(1e-4, optimizer.reduce_gradients())
@@ -172,7 +190,7 @@ def _measure(
         from torch.profiler import profile as profiler
 
         def one_step() -> None:
-            loss_fn(model, cfg, batches[0]).backward()
+            forward_backward(batches[0])
             optimizer.step(1e-4, optimizer.reduce_gradients())
             optimizer.zero_grad()
             torch.cuda.synchronize()

@@ -27,7 +27,8 @@ from megatron_ds.checkpoint import Checkpointer, model_tensors
 from megatron_ds.config import Config, ConfigError, config_to_dict, config_to_yaml
 from megatron_ds.flops import training_flops_per_token
 from megatron_ds.metrics import MetricsLogger, NullLogger, peak_memory_gib, peak_tflops
-from megatron_ds.model.moe import BalanceLossGrad, balance_loss_total, moe_gates, update_expert_bias
+from megatron_ds.micro_batches import GraphedMicroBatches, forward_backward
+from megatron_ds.model.moe import BalanceLossGrad, moe_gates, update_expert_bias
 from megatron_ds.optim import ZeroOneOptimizer
 from megatron_ds.precision import check_precision, forward_context
 from parallel.data_parallel import gradient_groups_from_parallel_state
@@ -118,25 +119,6 @@ def _all_mean(values: torch.Tensor, group) -> torch.Tensor:
     return values
 
 
-def forward_backward(model, cfg: Config, device, batches, n_micro: int, mtp_weight: float, context):
-    """Forward and backward of one step's micro-batches on an unpipelined model.
-
-    Returns the micro-batch means of (total, lm, mtp, balance) losses, as PipelineSchedule does.
-    """
-    losses = torch.zeros(3, device=device, dtype=torch.float64)  # total, lm, mtp
-    for _ in range(n_micro):
-        batch = next(batches)
-        tokens = batch["tokens"].to(device, non_blocking=True)
-        doc_ids = batch["doc_ids"][:, :-1].to(device) if cfg.data.document_masking else None
-        with context():  # FP8 autocast when precision.fp8 is set
-            out = model(tokens[:, :-1], labels=tokens[:, 1:], doc_ids=doc_ids)
-        loss = out.lm_loss + mtp_weight * out.mtp_loss
-        (loss / n_micro).backward()
-        losses += torch.stack([loss, out.lm_loss, out.mtp_loss]).detach().double() / n_micro
-    balance = balance_loss_total(model, device)
-    return torch.cat([losses, balance.double().view(1) / n_micro])
-
-
 def build_optimizer(cfg: Config, model, chunks, device: torch.device, world_size: int):
     """The optimizer backend train.optimizer_impl names (see config/schema.py)."""
     impl = cfg.train.optimizer_impl
@@ -175,12 +157,17 @@ def train(cfg: Config, run_dir: Path) -> int:
 def _train(cfg: Config, run_dir: Path, python_gc: PythonGC) -> int:
     from megatron.core import parallel_state as ps
 
-    launch = init_distributed()
     if cfg.parallel.pipeline > 1 and not torch.cuda.is_available():
         raise ConfigError(
             "parallel.pipeline > 1 runs through Megatron-Core's pipeline schedules, which allocate on CUDA "
             "GPUs only; on CPUs set parallel.pipeline=1"
         )
+    if cfg.train.cuda_graphs and not torch.cuda.is_available():
+        raise ConfigError(
+            "train.cuda_graphs replays the step from CUDA graphs, on CUDA GPUs only: on CPUs set "
+            "train.cuda_graphs=false"
+        )
+    launch = init_distributed()
     dp_size = initialize_groups(cfg).data
     dp_group, dp_rank = gradient_groups_from_parallel_state().data, ps.get_data_parallel_rank()
     device = _setup_device(launch.local_rank)
@@ -200,6 +187,10 @@ def _train(cfg: Config, run_dir: Path, python_gc: PythonGC) -> int:
     context = partial(forward_context, cfg, dp_group)
     if cfg.parallel.pipeline > 1:  # Megatron-Core's 1F1B, interleaved with parallel.virtual_pipeline > 1
         run_micro_batches = PipelineSchedule(model, chunks, cfg, device, context)
+    elif t.cuda_graphs:
+        run_micro_batches = GraphedMicroBatches(
+            model, cfg, device, context, log=lambda text: logger.message(text)
+        )
     else:
         run_micro_batches = partial(forward_backward, model, cfg, device, context=context)
     optimizer = build_optimizer(cfg, model, chunks, device, launch.world_size)

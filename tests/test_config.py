@@ -71,6 +71,10 @@ INVALID = {
     "tails": (["train.final_lrs=[1e-5]"], "train.final_lrs and train.final_tokens must have the same length"),
     "keep last": (["checkpoint.keep_last=0"], "checkpoint.keep_last must be >= 1"),
     "gc interval": (["train.gc_interval=-1"], "train.gc_interval must be >= 0"),
+    "cuda graphs of fp32": (
+        ["train.cuda_graphs=true"],
+        "train.cuda_graphs=true needs precision.params_dtype=bf16",
+    ),
 }
 
 
@@ -198,3 +202,24 @@ def test_validate_world():
         ConfigError, match="train.global_batch_size=8 is not a multiple of micro_batch_size x"
     ):
         validate_world(big, 2 * 8)
+
+
+@pytest.mark.parametrize(
+    "override, needed",
+    [
+        ("parallel.pipeline=2", "parallel.pipeline=1"),
+        ("parallel.expert=2", "parallel.expert=1"),
+        ("parallel.tensor=2", "parallel.tensor=1"),
+        ("precision.fp8=delayed", "precision.fp8=none or blockwise"),
+        ("train.optimizer_impl=zero1", "train.optimizer_impl=megatron or auto"),
+    ],
+)
+def test_cuda_graphs_name_what_they_cannot_capture(override, needed):
+    """Each layout or precision the captured step cannot replay is named, with the way out."""
+    bf16 = ["train.cuda_graphs=true", "precision.params_dtype=bf16", "precision.linear_impl=te"]
+    with pytest.raises(ConfigError) as excinfo:
+        load_config("tiny", overrides=[*bf16, override])
+    assert f"train.cuda_graphs=true needs {needed}; set those or train.cuda_graphs=false" in str(
+        excinfo.value
+    )
+    load_config("tiny", overrides=[*bf16, "precision.fp8=blockwise"])  # what it can replay

@@ -127,6 +127,10 @@ class TrainConfig:
     gc_interval: int = 50
     # Selective recomputation (report section 3.2.3): any of RECOMPUTE_REGIONS (parallel/recompute.py)
     recompute: list[str] = field(default_factory=list)
+    # Capture each micro-batch's forward and backward as a CUDA graph after the first steps and replay it
+    # (megatron_ds/micro_batches.py): one launch instead of thousands, for launch-bound models. GPUs only;
+    # bf16, no FP8 or blockwise FP8, one GPU or data parallelism, Megatron-Core's optimizer backend
+    cuda_graphs: bool = False
 
 
 @dataclass

@@ -204,9 +204,32 @@ def _train_errors(cfg) -> list[str]:
         errors.append(f"train.recompute names unknown regions {unknown}: choose from {choices}")
     if t.optimizer_impl not in ("auto", "megatron", "zero1"):
         errors.append(f"train.optimizer_impl={t.optimizer_impl!r}: choose auto, megatron or zero1")
+    errors += _cuda_graph_errors(cfg)
     if cfg.checkpoint.keep_last < 1:
         errors.append(f"checkpoint.keep_last must be >= 1 (got {cfg.checkpoint.keep_last})")
     return errors
+
+
+def _cuda_graph_errors(cfg) -> list[str]:
+    """What train.cuda_graphs cannot capture: anything that reads GPU values back to the host inside the
+    step (fp32 experts' split sizes, the expert-parallel all-to-all's), keeps host-side state across it
+    (delayed and current FP8 scaling's amax histories, our ZeRO-1 backend's .grad accumulation), or
+    runs through a schedule of its own (pipeline parallelism). Tensor parallelism is untested."""
+    p, pr, t = cfg.parallel, cfg.precision, cfg.train
+    if not t.cuda_graphs:
+        return []
+    limits = {
+        "parallel.pipeline=1": p.pipeline == 1,
+        "parallel.expert=1": p.expert == 1,
+        "parallel.tensor=1": p.tensor == 1,
+        "precision.params_dtype=bf16": pr.params_dtype == "bf16",
+        "precision.fp8=none or blockwise": pr.fp8 in ("none", "blockwise"),
+        "train.optimizer_impl=megatron or auto": t.optimizer_impl != "zero1",
+    }
+    unmet = [setting for setting, met in limits.items() if not met]
+    if not unmet:
+        return []
+    return [f"train.cuda_graphs=true needs {', '.join(unmet)}; set those or train.cuda_graphs=false"]
 
 
 def _data_errors(cfg) -> list[str]:
