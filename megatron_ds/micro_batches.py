@@ -14,6 +14,8 @@ FP8 whether the weights are quantized in this micro-batch) key the graphs: when 
 is captured again.
 """
 
+import traceback
+
 import torch
 
 from megatron_ds.config import Config, ConfigError
@@ -101,17 +103,30 @@ class GraphedMicroBatches:
         n_micro, mtp_weight, _ = key
         captured = _Captured(tokens, doc_ids)
         try:
-            with torch.cuda.graph(captured.graph, pool=self.pool):
+            # Thread-local: other threads' CUDA calls (NCCL's watchdog, a pinned-memory copy) stay legal.
+            with torch.cuda.graph(captured.graph, pool=self.pool, capture_error_mode="thread_local"):
                 captured.losses = micro_batch(
                     self.model, captured.tokens, captured.doc_ids, n_micro, mtp_weight, self.context
                 )
         except RuntimeError as e:
+            cause = e  # the first failure: ending the broken capture raises its own error on top of it
+            while cause.__context__ is not None:
+                cause = cause.__context__
             raise ConfigError(
                 "train.cuda_graphs: the micro-batch's forward and backward could not be captured as a "
-                f"CUDA graph ({str(e).splitlines()[0]}). Something in the step reads a GPU value back to the "
-                "host: with FP8 experts, TE's split path does (cuBLAS older than 13.6, or experts not whole "
-                "128-blocks wide; docs/precision.md). Set train.cuda_graphs=false to run the step eagerly."
-            ) from e
+                f"CUDA graph: {str(cause).splitlines()[0]} (at {_where(cause)}). Something in the step reads "
+                "a GPU value back to the host: with FP8 experts, TE's split path does (cuBLAS older than "
+                "13.6, or experts not whole 128-blocks wide; docs/precision.md). Set train.cuda_graphs=false "
+                "to run the step eagerly."
+            ) from cause
         self.log(f"captured a micro-batch's forward and backward as a CUDA graph (micro-batches {n_micro}, "
                  f"MTP weight {mtp_weight}{', FP8 weights quantized' if key[2] else ''})")  # fmt: skip
         return captured
+
+
+def _where(error: BaseException) -> str:
+    """The innermost line of this project's code in the error's traceback (else the innermost line)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    ours = [f for f in frames if "/megatron_ds/" in f.filename or "/parallel/" in f.filename]
+    frame = (ours or frames or [None])[-1]
+    return "unknown" if frame is None else f"{frame.filename}:{frame.lineno} {frame.line}"
