@@ -155,8 +155,9 @@ def _measure(
     torch.manual_seed(0)
     cfg = bench_config(preset, micro_batch, fp8, overrides=overrides)
     model = build_ours(cfg) if system == "ours" else build_mcore(cfg)
-    optimizer = MegatronOptimizer(model, [model], cfg)
+    # Before the optimizer: under CUDA graphs, DDP's hooks must be made on the graphs' stream.
     forward_backward = graphed_step(model, cfg) if cfg.train.cuda_graphs else eager_step(model, cfg, system)
+    optimizer = MegatronOptimizer(model, [model], cfg)
     n_params = sum(p.numel() for p in model.parameters())
     gen = torch.Generator(device="cuda").manual_seed(0)
     seq = cfg.train.seq_len

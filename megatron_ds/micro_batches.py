@@ -71,7 +71,12 @@ class _Captured:
 
 class GraphedMicroBatches:
     """forward_backward's drop-in under `train.cuda_graphs`: the first EAGER_STEPS steps run eagerly,
-    then each micro-batch replays a captured graph (captured on first need, per key)."""
+    then each micro-batch replays a captured graph (captured on first need, per key).
+
+    Make it before the optimizer wraps the model in DDP: from here on the process works on the graphs'
+    stream (a graph cannot be captured on the default stream), and autograd runs DDP's gradient hooks
+    on the stream that was current when DDP made them; made on the default stream, the captured
+    backward would have to wait on it, which a capture forbids."""
 
     def __init__(self, model, cfg: Config, device, context, log=print):
         self.model, self.cfg, self.device, self.context, self.log = model, cfg, device, context, log
@@ -79,6 +84,9 @@ class GraphedMicroBatches:
         self.graphs: dict[tuple, _Captured] = {}
         self.pool = torch.cuda.graph_pool_handle()  # the graphs run one after another: one memory pool
         self.steps = 0
+        self.stream = torch.cuda.Stream(device)
+        self.stream.wait_stream(torch.cuda.current_stream(device))
+        torch.cuda.set_stream(self.stream)
 
     def __call__(self, batches, n_micro: int, mtp_weight: float) -> torch.Tensor:
         self.steps += 1
@@ -104,7 +112,9 @@ class GraphedMicroBatches:
         captured = _Captured(tokens, doc_ids)
         try:
             # Thread-local: other threads' CUDA calls (NCCL's watchdog, a pinned-memory copy) stay legal.
-            with torch.cuda.graph(captured.graph, pool=self.pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(
+                captured.graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"
+            ):
                 captured.losses = micro_batch(
                     self.model, captured.tokens, captured.doc_ids, n_micro, mtp_weight, self.context
                 )
