@@ -124,10 +124,10 @@ class GraphedMicroBatches:
                 cause = cause.__context__
             raise ConfigError(
                 "train.cuda_graphs: the micro-batch's forward and backward could not be captured as a "
-                f"CUDA graph: {str(cause).splitlines()[0]} (at {_where(cause)}). Something in the step reads "
-                "a GPU value back to the host: with FP8 experts, TE's split path does (cuBLAS older than "
-                "13.6, or experts not whole 128-blocks wide; docs/precision.md). Set train.cuda_graphs=false "
-                "to run the step eagerly."
+                f"CUDA graph: {str(cause).splitlines()[0]} (at {_where(cause)}). The usual cause is a "
+                "read of a GPU value back to the host inside the step: with FP8 experts, TE's split path "
+                "does (cuBLAS older than 13.6, or experts not whole 128-blocks wide; docs/precision.md). "
+                "Set train.cuda_graphs=false to run the step eagerly."
             ) from cause
         self.log(f"captured a micro-batch's forward and backward as a CUDA graph (micro-batches {n_micro}, "
                  f"MTP weight {mtp_weight}{', FP8 weights quantized' if key[2] else ''})")  # fmt: skip
