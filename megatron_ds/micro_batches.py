@@ -40,17 +40,23 @@ def _inputs(batch: dict, cfg: Config, device) -> tuple[torch.Tensor, torch.Tenso
     return tokens, doc_ids
 
 
-def forward_backward(model, cfg: Config, device, batches, n_micro: int, mtp_weight: float, context):
-    """Forward and backward of one step's micro-batches, eagerly.
-
-    Returns the micro-batch means of (total, lm, mtp, balance) losses, as PipelineSchedule does.
-    """
+def _step_losses(model, cfg: Config, device, batches, n_micro: int, run) -> torch.Tensor:
+    """run(m, tokens, doc_ids) for each of the step's micro-batches m, which returns its (total, lm, mtp)
+    losses; returns the micro-batch means of (total, lm, mtp, balance), as PipelineSchedule does."""
     losses = torch.zeros(3, device=device, dtype=torch.float64)
-    for _ in range(n_micro):
-        tokens, doc_ids = _inputs(next(batches), cfg, device)
-        losses += micro_batch(model, tokens, doc_ids, n_micro, mtp_weight, context) / n_micro
+    for m in range(n_micro):
+        losses += run(m, *_inputs(next(batches), cfg, device)) / n_micro
     balance = balance_loss_total(model, device)
     return torch.cat([losses, balance.double().view(1) / n_micro])
+
+
+def forward_backward(model, cfg: Config, device, batches, n_micro: int, mtp_weight: float, context):
+    """Forward and backward of one step's micro-batches, eagerly; the losses as _step_losses says."""
+
+    def run(m: int, tokens: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
+        return micro_batch(model, tokens, doc_ids, n_micro, mtp_weight, context)
+
+    return _step_losses(model, cfg, device, batches, n_micro, run)
 
 
 class _Captured:
@@ -96,16 +102,15 @@ class GraphedMicroBatches:
             )
         if any(key[:2] != (n_micro, mtp_weight) for key in self.graphs):
             self.graphs.clear()  # the loss scale or MTP weight changed: capture again
-        losses = torch.zeros(3, device=self.device, dtype=torch.float64)
-        for m in range(n_micro):
+
+        def replay(m: int, tokens: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
             # FP8WeightCache quantizes the weights in the first micro-batch of a step of several only.
             key = (n_micro, mtp_weight, self.fp8 and n_micro > 1 and m == 0)
-            tokens, doc_ids = _inputs(next(batches), self.cfg, self.device)
             if key not in self.graphs:
                 self.graphs[key] = self._capture(key, tokens, doc_ids)
-            losses += self.graphs[key].replay(tokens, doc_ids) / n_micro
-        balance = balance_loss_total(self.model, self.device)
-        return torch.cat([losses, balance.double().view(1) / n_micro])
+            return self.graphs[key].replay(tokens, doc_ids)
+
+        return _step_losses(self.model, self.cfg, self.device, batches, n_micro, replay)
 
     def _capture(self, key: tuple, tokens: torch.Tensor, doc_ids: torch.Tensor | None) -> _Captured:
         n_micro, mtp_weight, _ = key
